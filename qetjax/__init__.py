@@ -1,0 +1,26 @@
+"""qetjax: matrix quantization in JAX, with every stored bit counted.
+
+Example:
+    >>> import jax, qetjax
+    >>> x = jax.random.normal(jax.random.key(0), (256, 64))
+    >>> qa = qetjax.quantize(qetjax.pq(4, 256), jax.random.key(1), x)
+    >>> x_hat = qetjax.dequantize(qa)
+    >>> qa.bits_per_element, qetjax.bits(qa)["total"]
+"""
+
+from qetjax import metrics, packing
+from qetjax.budget import for_budget
+from qetjax.core import (
+    METHODS,
+    QuantizedArray,
+    Quantizer,
+    Spec,
+    bits,
+    dequantize,
+    encode_with,
+    fit,
+    quantize,
+    quantize_batch,
+    residual,
+    stored_bits,
+)

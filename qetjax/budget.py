@@ -1,0 +1,85 @@
+"""Choosing a method's parameters to fit a bits-per-element budget.
+
+Each method registers its own solver (``register_budget`` in its module); this
+module holds the lookup and the shared search. Sizes are measured, not
+estimated: :func:`qetjax.core.stored_bits` traces the quantizer with
+``jax.eval_shape`` and counts the arrays it would store.
+
+Example:
+    >>> q = for_budget("pq", (4096, 512), 2.0, subvector_dim=4)
+    >>> stored_bits(q, (4096, 512)) <= 2.0 * 4096 * 512
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from qetjax.core import METHODS, Quantizer, stored_bits
+
+
+def _check_budget(shape: Sequence[int], bits_per_element: float) -> tuple[tuple[int, int], float]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"shape must be 2-D with positive sizes, got {shape}")
+    if isinstance(bits_per_element, bool) or not isinstance(bits_per_element, (int, float)):
+        raise TypeError(f"bits_per_element must be a number, got {type(bits_per_element).__name__}")
+    if not bits_per_element > 0:
+        raise ValueError(f"bits_per_element must be > 0, got {bits_per_element}")
+    return shape, float(bits_per_element)
+
+
+def for_budget(method: str, shape: Sequence[int], bits_per_element: float, **options: Any) -> Quantizer:
+    """The best-fitting quantizer of ``method`` whose stored size fits the budget.
+
+    Args:
+      method: a registered method name (``qetjax.core.METHODS``), e.g. ``"pq"``.
+      shape: the 2-D shape of the matrix to quantize.
+      bits_per_element: the budget; every stored bit (codes, codebooks, scales,
+        indicator maps, rotations) counts against it.
+      **options: structural options of the method (e.g. ``subvector_dim``).
+
+    Returns:
+      A :class:`~qetjax.core.Quantizer` with ``stored_bits(q, shape) <=
+      bits_per_element * shape[0] * shape[1]``.
+
+    Raises:
+      ValueError: unknown method, or no configuration fits the budget.
+    """
+    if method not in METHODS or METHODS[method].budget is None:
+        known = sorted(n for n, m in METHODS.items() if m.budget is not None)
+        raise ValueError(f"method must be one of {known}, got {method!r}")
+    shape, bits_per_element = _check_budget(shape, bits_per_element)
+    return METHODS[method].budget(shape, bits_per_element, **options)
+
+
+def budget_bits(shape: Sequence[int], bits_per_element: float) -> float:
+    """The total bits a budget allows for a matrix of ``shape``."""
+    return bits_per_element * shape[0] * shape[1]
+
+
+def largest_fitting(
+    make: Callable[[int], Quantizer], values: Sequence[int], shape: Sequence[int], bits_per_element: float
+) -> Quantizer:
+    """The quantizer ``make(v)`` of the largest ``v`` in ``values`` that fits the budget.
+
+    ``values`` must be sorted so that the stored size grows with ``v``; the
+    search is binary, so only ``O(log len(values))`` sizes are measured.
+
+    Raises:
+      ValueError: even ``make(values[0])`` exceeds the budget.
+    """
+    limit = budget_bits(shape, bits_per_element)
+    lo, hi = 0, len(values) - 1
+    if stored_bits(make(values[0]), shape) > limit:
+        raise ValueError(
+            f"bits_per_element={bits_per_element} is too small for shape {tuple(shape)}: "
+            f"the smallest configuration needs {stored_bits(make(values[0]), shape) / (shape[0] * shape[1]):.4f}"
+        )
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if stored_bits(make(values[mid]), shape) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return make(values[lo])

@@ -1,0 +1,523 @@
+"""The core abstraction: quantizers as pure functions, quantized arrays as pytrees.
+
+A :class:`Quantizer` is a NamedTuple of three pure functions, in the style of
+optax's ``GradientTransformation``::
+
+    fit(key, x) -> params        # shared state learned from data (codebooks, rotations)
+    encode(params, x) -> codes   # per-data codes and side information
+    decode(params, codes) -> x̂   # exact inverse of the stored representation
+
+``params`` and ``codes`` are pytrees of arrays (frozen dataclasses registered with
+JAX; configuration lives in static fields). :func:`quantize` runs fit and encode and
+returns a :class:`QuantizedArray`; :func:`bits` counts the bits of every stored array
+leaf, so the size that is reported is the size of what is stored.
+
+Every quantizer built by a registered constructor carries a :class:`Spec` (its
+name and arguments), from which the same quantizer can be rebuilt: this is how a
+:class:`QuantizedArray` decodes itself and how saved files are read back.
+
+Example:
+    >>> import jax, qetjax
+    >>> x = jax.random.normal(jax.random.key(0), (64, 32))
+    >>> qa = qetjax.quantize(qetjax.rtn(4), jax.random.key(1), x)
+    >>> qetjax.dequantize(qa).shape
+    (64, 32)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+PRNGKey = jax.Array
+
+
+# --------------------------------------------------------------------------- pytrees
+
+
+def static_field(**kwargs: Any) -> Any:
+    """A dataclass field that JAX treats as static (configuration, not data)."""
+    return dataclasses.field(metadata={"static": True}, **kwargs)
+
+
+def pytree_dataclass(cls: type) -> type:
+    """Makes ``cls`` a frozen dataclass registered as a JAX pytree.
+
+    Fields declared with :func:`static_field` are static (hashed into the jit
+    cache); all other fields are pytree children (arrays, or nested pytrees).
+
+    Example:
+        >>> @pytree_dataclass
+        ... class Codes:
+        ...     codes: jax.Array
+        ...     bits: int = static_field()
+    """
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    return jax.tree_util.register_dataclass(cls)
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Name and canonical arguments of a registered quantizer constructor.
+
+    ``args`` is a tuple of ``(parameter_name, value)`` pairs in signature order,
+    with defaults filled in; values are JSON-able scalars, tuples, or nested
+    :class:`Spec` objects (for combinators such as :func:`qetjax.residual`).
+    """
+
+    name: str
+    args: tuple[tuple[str, Any], ...]
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable form of the spec."""
+        return {"name": self.name, "args": [[k, _to_json(v)] for k, v in self.args]}
+
+    @staticmethod
+    def from_json(obj: dict) -> "Spec":
+        """Inverse of :meth:`to_json`."""
+        return Spec(obj["name"], tuple((k, _from_json(v)) for k, v in obj["args"]))
+
+
+def _to_json(v: Any) -> Any:
+    if isinstance(v, Spec):
+        return {"spec": v.to_json()}
+    if isinstance(v, tuple):
+        return {"tuple": [_to_json(e) for e in v]}
+    return v
+
+
+def _from_json(v: Any) -> Any:
+    if isinstance(v, dict) and "spec" in v:
+        return Spec.from_json(v["spec"])
+    if isinstance(v, dict) and "tuple" in v:
+        return tuple(_from_json(e) for e in v["tuple"])
+    return v
+
+
+class Quantizer(NamedTuple):
+    """A quantization method: three pure functions and the spec that rebuilds them.
+
+    Attributes:
+      fit: ``(key, x) -> params``; learns shared state from a float32 matrix.
+      encode: ``(params, x) -> codes``; per-data codes and side information.
+      decode: ``(params, codes) -> x̂``; a float32 matrix of the encoded shape.
+      spec: name and arguments of the constructor that built it (``None`` for an
+        unregistered, ad-hoc quantizer, which cannot be saved or self-decoded).
+    """
+
+    fit: Callable[[PRNGKey, Array], Any]
+    encode: Callable[[Any, Array], Any]
+    decode: Callable[[Any, Any], Array]
+    spec: Spec | None = None
+
+
+class Method(NamedTuple):
+    """A registry entry: the constructor and, optionally, its budget solver."""
+
+    constructor: Callable[..., Quantizer]
+    budget: Callable[..., Quantizer] | None = None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def _freeze(v: Any) -> Any:
+    """Canonical, hashable, JSON-able form of a constructor argument."""
+    if isinstance(v, Quantizer):
+        if v.spec is None:
+            raise TypeError("quantizer arguments must be built by registered constructors")
+        return v.spec
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(e) for e in v)
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if isinstance(v, np.generic):
+        return v.item()
+    try:
+        return np.dtype(v).name
+    except TypeError:
+        raise TypeError(f"unsupported constructor argument {v!r}") from None
+
+
+def _thaw(v: Any) -> Any:
+    if isinstance(v, Spec):
+        return from_spec(v)
+    if isinstance(v, tuple):
+        return tuple(_thaw(e) for e in v)
+    return v
+
+
+def register_method(name: str) -> Callable[[Callable[..., Quantizer]], Callable[..., Quantizer]]:
+    """Registers a quantizer constructor under ``name``.
+
+    The wrapped constructor returns a :class:`Quantizer` carrying its
+    :class:`Spec`; equal arguments return the identical object, so jit caches
+    keyed on the quantizer hit across calls.
+
+    Example:
+        >>> @register_method("identity")
+        ... def identity() -> Quantizer: ...
+    """
+
+    def decorate(fn: Callable[..., Quantizer]) -> Callable[..., Quantizer]:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def constructor(*args: Any, **kwargs: Any) -> Quantizer:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            spec = Spec(name, tuple((k, _freeze(v)) for k, v in bound.arguments.items()))
+            return from_spec(spec)
+
+        constructor.__signature__ = sig
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        METHODS[name] = Method(constructor, None)
+        constructor._build = fn  # the undecorated constructor, used by from_spec
+        constructor._signature = sig
+        return constructor
+
+    return decorate
+
+
+def register_budget(name: str) -> Callable[[Callable[..., Quantizer]], Callable[..., Quantizer]]:
+    """Registers the budget solver of method ``name`` (see :func:`qetjax.for_budget`).
+
+    A solver is ``(shape, bits_per_element, **options) -> Quantizer``.
+    """
+
+    def decorate(fn: Callable[..., Quantizer]) -> Callable[..., Quantizer]:
+        if name not in METHODS:
+            raise ValueError(f"register method {name!r} before its budget solver")
+        METHODS[name] = METHODS[name]._replace(budget=fn)
+        return fn
+
+    return decorate
+
+
+@functools.lru_cache(maxsize=None)
+def from_spec(spec: Spec) -> Quantizer:
+    """Rebuilds the quantizer described by ``spec`` (cached: same spec, same object)."""
+    if spec.name not in METHODS:
+        raise ValueError(f"unknown method {spec.name!r}; registered: {sorted(METHODS)}")
+    constructor = METHODS[spec.name].constructor
+    fn, sig = constructor._build, constructor._signature
+    args, kwargs = [], {}
+    for key, value in spec.args:
+        value = _thaw(value)
+        kind = sig.parameters[key].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            args.extend(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            kwargs.update(dict(value))
+        elif kind is inspect.Parameter.KEYWORD_ONLY:
+            kwargs[key] = value
+        else:
+            args.append(value)
+    return fn(*args, **kwargs)._replace(spec=spec)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_matrix(x: Any, name: str = "x", ndim: int | None = 2) -> Array:
+    """Validates a floating-point array and returns it as a float32 ``jax.Array``.
+
+    Raises:
+      TypeError: ``x`` is not an array of a floating dtype (ints and bools are
+        rejected, not silently converted).
+      ValueError: wrong rank, empty, or (for concrete arrays) NaN/Inf values.
+    """
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(f"{name} must be a floating-point array, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if x.size == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    if not isinstance(x, jax.core.Tracer) and not bool(np.isfinite(np.asarray(x, np.float32)).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return jnp.asarray(x, jnp.float32)
+
+
+def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """Validates an integer argument in ``[low, high]`` and returns it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be in {bound}, got {value}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- quantized arrays
+
+
+@pytree_dataclass
+class QuantizedArray:
+    """A quantized matrix: everything needed to decode it, and nothing else.
+
+    Attributes:
+      params: shared state from ``fit`` (codebooks, rotations, ...).
+      codes: per-data codes and side information from ``encode``.
+      spec: the quantizer's spec (static), used to decode.
+      shape: the original shape (static).
+      dtype: the original dtype name (static); decoding returns this dtype.
+      batch_shape: leading batch dimensions for :func:`quantize_batch` (static).
+    """
+
+    params: Any
+    codes: Any
+    spec: Spec = static_field()
+    shape: tuple[int, ...] = static_field()
+    dtype: str = static_field()
+    batch_shape: tuple[int, ...] = static_field(default=())
+
+    @property
+    def quantizer(self) -> Quantizer:
+        """The quantizer that produced this array."""
+        return from_spec(self.spec)
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the original array(s)."""
+        return int(np.prod(self.batch_shape + self.shape))
+
+    @property
+    def bits_per_element(self) -> float:
+        """Stored bits divided by the number of original elements."""
+        return bits(self)["total"] / self.numel
+
+
+def _prepare(q: Quantizer, x: Any) -> tuple[Array, str]:
+    if not isinstance(q, Quantizer):
+        raise TypeError(f"q must be a Quantizer, got {type(q).__name__}")
+    if q.spec is None:
+        raise TypeError("q must be built by a registered constructor (it has no spec)")
+    dtype = jnp.dtype(getattr(x, "dtype", "float32")).name
+    return check_matrix(x), dtype
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _fit_encode(q: Quantizer, key: PRNGKey, x: Array) -> tuple[Any, Any]:
+    params = q.fit(key, x)
+    return params, q.encode(params, x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(q: Quantizer, params: Any, x: Array) -> Any:
+    return q.encode(params, x)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(q: Quantizer, params: Any, codes: Any) -> Array:
+    return q.decode(params, codes)
+
+
+def quantize(q: Quantizer, key: PRNGKey, x: Any) -> QuantizedArray:
+    """Fits ``q`` to the matrix ``x`` and encodes it (jit-compiled).
+
+    Args:
+      q: a quantizer from a registered constructor, e.g. ``qetjax.pq(4, 256)``.
+      key: a PRNG key (``jax.random.key``); results are deterministic given it.
+      x: a 2-D floating-point array (fp16/bf16 are computed in float32).
+
+    Returns:
+      A :class:`QuantizedArray`.
+
+    Example:
+        >>> qa = quantize(qetjax.pq(4, 16), jax.random.key(0), x)
+    """
+    x32, dtype = _prepare(q, x)
+    params, codes = _fit_encode(q, key, x32)
+    return QuantizedArray(params, codes, q.spec, tuple(x32.shape), dtype)
+
+
+def fit(q: Quantizer, key: PRNGKey, x: Any) -> Any:
+    """Fits shared state once (codebooks, rotations) on calibration data ``x``."""
+    x32, _ = _prepare(q, x)
+    return jax.jit(q.fit)(key, x32)
+
+
+def encode_with(q: Quantizer, params: Any, x: Any) -> QuantizedArray:
+    """Encodes new data with already fitted ``params`` (fit once, encode many).
+
+    Example:
+        >>> params = fit(q, key, calibration)
+        >>> qa = encode_with(q, params, new_rows)
+    """
+    x32, dtype = _prepare(q, x)
+    return QuantizedArray(params, _encode(q, params, x32), q.spec, tuple(x32.shape), dtype)
+
+
+def quantize_batch(q: Quantizer, key: PRNGKey, xs: Any) -> QuantizedArray:
+    """Quantizes a stack of matrices ``xs[b, n, d]`` in one vmapped call.
+
+    Each matrix gets its own fitted params and the key ``fold_in(key, i)``.
+    """
+    if not hasattr(xs, "ndim") or xs.ndim != 3:
+        raise ValueError(f"xs must be 3-D [batch, n, d], got shape {getattr(xs, 'shape', None)}")
+    x32 = check_matrix(xs, "xs", ndim=3)
+    dtype = jnp.dtype(xs.dtype).name
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(xs.shape[0]))
+    params, codes = jax.vmap(lambda k, x: _fit_encode(q, k, x))(keys, x32)
+    return QuantizedArray(params, codes, q.spec, tuple(x32.shape[1:]), dtype, (xs.shape[0],))
+
+
+def dequantize(qa: QuantizedArray) -> Array:
+    """Decodes a :class:`QuantizedArray` to its original shape and dtype."""
+    if not isinstance(qa, QuantizedArray):
+        raise TypeError(f"qa must be a QuantizedArray, got {type(qa).__name__}")
+    q = qa.quantizer
+    decode = functools.partial(_decode, q)
+    for _ in qa.batch_shape:
+        decode = jax.vmap(decode)
+    return decode(qa.params, qa.codes).astype(qa.dtype)
+
+
+def _component(path: tuple) -> str:
+    names = [p.name for p in path if isinstance(p, jax.tree_util.GetAttrKey)]
+    return names[-1] if names else "other"
+
+
+def bits(qa: QuantizedArray) -> dict[str, int]:
+    """Stored bits of every component of ``qa``, and their ``"total"``.
+
+    Counted from the array leaves actually held in ``qa.params`` and
+    ``qa.codes`` (size times dtype width), grouped by the name of the field that
+    holds them (``codes``, ``codebook``, ``indicators``, ``scales``, ...).
+    Static configuration (shape, dtype, spec) is not counted.
+    """
+    counts: dict[str, int] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path((qa.params, qa.codes)):
+        name = _component(path)
+        counts[name] = counts.get(name, 0) + int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize * 8
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def stored_bits(q: Quantizer, shape: tuple[int, int]) -> int:
+    """Total stored bits of ``q`` on a float32 matrix of ``shape``, without running it.
+
+    Uses ``jax.eval_shape``, so it is exact (the same arrays :func:`bits`
+    counts) and cheap (nothing is computed).
+    """
+    def fit_encode(key: PRNGKey, x: Array) -> tuple[Any, Any]:
+        params = q.fit(key, x)
+        return params, q.encode(params, x)
+
+    params, codes = jax.eval_shape(fit_encode, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))
+    fake = QuantizedArray(params, codes, q.spec, tuple(shape), "float32")
+    return bits(fake)["total"]
+
+
+# --------------------------------------------------------------------------- combinators
+
+
+class Transform(NamedTuple):
+    """A reversible transform put in front of a quantizer.
+
+    Attributes:
+      fit: ``(key, x) -> tparams``, shared state (``None`` when there is none).
+      forward: ``(tparams, x) -> (y, side)``; ``side`` is per-data side
+        information that is stored (e.g. indicator maps), or ``None``.
+      inverse: ``(tparams, y, side) -> x``.
+    """
+
+    fit: Callable[[PRNGKey, Array], Any]
+    forward: Callable[[Any, Array], tuple[Array, Any]]
+    inverse: Callable[[Any, Array, Any], Array]
+
+
+@pytree_dataclass
+class TransformedParams:
+    """Params of ``transformed(t, q)``: the transform's and the inner quantizer's."""
+
+    transform: Any
+    inner: Any
+
+
+@pytree_dataclass
+class TransformedCodes:
+    """Codes of ``transformed(t, q)``: the transform's side information and inner codes."""
+
+    side: Any
+    inner: Any
+
+
+def transformed(t: Transform, q: Quantizer) -> Quantizer:
+    """Puts the reversible transform ``t`` in front of ``q``.
+
+    ``fit`` fits ``t`` then fits ``q`` on the transformed data; ``encode`` stores
+    the transform's side information beside ``q``'s codes; ``decode`` inverts.
+
+    Example:
+        >>> qet = transformed(swap_tree.transform(levels=2), pq(4, 256))
+    """
+
+    def fit_(key: PRNGKey, x: Array) -> TransformedParams:
+        k1, k2 = jax.random.split(key)
+        tp = t.fit(k1, x)
+        y, _ = t.forward(tp, x)
+        return TransformedParams(tp, q.fit(k2, y))
+
+    def encode_(p: TransformedParams, x: Array) -> TransformedCodes:
+        y, side = t.forward(p.transform, x)
+        return TransformedCodes(side, q.encode(p.inner, y))
+
+    def decode_(p: TransformedParams, c: TransformedCodes) -> Array:
+        return t.inverse(p.transform, q.decode(p.inner, c.inner), c.side)
+
+    return Quantizer(fit_, encode_, decode_)
+
+
+@register_method("residual")
+def residual(*quantizers: Quantizer) -> Quantizer:
+    """Residual quantization by stages: each stage quantizes what the previous left.
+
+    ``decode`` sums the stages' decodings. With stages that are optimal for their
+    input (k-means codebooks), adding a stage never increases the error on the
+    training matrix.
+
+    Example:
+        >>> q = residual(pq(4, 256), rtn(2, group_size=64))
+    """
+    if not quantizers:
+        raise ValueError("residual needs at least one quantizer")
+    for i, qi in enumerate(quantizers):
+        if not isinstance(qi, Quantizer):
+            raise TypeError(f"quantizers[{i}] must be a Quantizer, got {type(qi).__name__}")
+
+    def fit_and_encode(key: PRNGKey, x: Array) -> tuple[tuple, tuple]:
+        params, codes, r = [], [], x
+        for qi, ki in zip(quantizers, jax.random.split(key, len(quantizers))):
+            p = qi.fit(ki, r)
+            c = qi.encode(p, r)
+            r = r - qi.decode(p, c)
+            params.append(p)
+            codes.append(c)
+        return tuple(params), tuple(codes)
+
+    def encode_(params: tuple, x: Array) -> tuple:
+        codes, r = [], x
+        for qi, p in zip(quantizers, params):
+            c = qi.encode(p, r)
+            r = r - qi.decode(p, c)
+            codes.append(c)
+        return tuple(codes)
+
+    def decode_(params: tuple, codes: tuple) -> Array:
+        return sum(qi.decode(p, c) for qi, p, c in zip(quantizers, params, codes))
+
+    return Quantizer(lambda k, x: fit_and_encode(k, x)[0], encode_, decode_)

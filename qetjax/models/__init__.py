@@ -1,0 +1,1 @@
+"""Flax models with real weights."""
