@@ -16,7 +16,8 @@ import jax  # noqa: E402
 
 from qetjax.models import minilm  # noqa: E402
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "minilm_reference.npz"
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURE = FIXTURES / "minilm_reference.npz"
 BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 

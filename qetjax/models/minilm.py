@@ -404,7 +404,9 @@ def load_pretrained() -> tuple[Callable[..., jax.Array], Params, Any]:
     return embed, load_params(), load_tokenizer()
 
 
-def tokenize(tokenizer: Any, sentences: Sequence[str], max_length: int = 128) -> dict[str, np.ndarray]:
+def tokenize(
+    tokenizer: Any, sentences: Sequence[str], max_length: int = 128
+) -> dict[str, np.ndarray]:
     """Tokenizes sentences into a batch padded to its longest member.
 
     Sets the tokenizer's truncation to ``max_length`` and its padding to the longest
