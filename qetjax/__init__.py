@@ -8,7 +8,7 @@ Example:
     >>> qa.bits_per_element, qetjax.bits(qa)["total"]
 """
 
-from qetjax import metrics, packing
+from qetjax import kmeans, metrics, packing
 from qetjax.budget import for_budget
 from qetjax.core import (
     METHODS,
@@ -24,3 +24,5 @@ from qetjax.core import (
     residual,
     stored_bits,
 )
+from qetjax.pq import pq
+from qetjax.scalar import lloyd_max, rtn
