@@ -1,0 +1,433 @@
+"""Scalar quantizers: round-to-nearest (RTN) and Lloyd-Max.
+
+:func:`rtn` maps every element to a uniform grid of ``2**bits`` levels whose
+scale (and, if asymmetric, offset) is stored per tensor, per row, or per group of
+``group_size`` consecutive elements of a row. :func:`lloyd_max` fits one
+non-uniform codebook of ``2**bits`` levels to the values of the whole matrix
+(1-D k-means). Codes are bit-packed at exactly ``bits`` bits per element, in
+row-major order; scales, zeros and codebooks are stored at their stored dtype
+and counted by :func:`qetjax.bits`.
+
+The Lloyd-Max engine is also available as two pure, jit-able functions for
+other methods (e.g. PVQ gain quantization): :func:`lloyd_max_levels` fits
+levels to a 1-D sample and :func:`quantize_to_levels` maps values to the index
+of their nearest level.
+
+Example:
+    >>> import jax, qetjax
+    >>> x = jax.random.normal(jax.random.key(0), (64, 256))
+    >>> qa = qetjax.quantize(qetjax.rtn(4, group_size=128), jax.random.key(1), x)
+    >>> qa.bits_per_element  # 4 code bits + 16-bit scale and zero per 128 elements
+    4.25
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qetjax import packing
+from qetjax.budget import budget_bits, largest_fitting
+from qetjax.core import (
+    PRNGKey,
+    Quantizer,
+    check_int,
+    pytree_dataclass,
+    register_budget,
+    register_method,
+    static_field,
+    stored_bits,
+)
+
+Array = jax.Array
+
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+GRANULARITIES = ("tensor", "row", "group")
+MAX_BITS = 8
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_dtype(name: str, value: Any) -> str:
+    try:
+        dtype = jnp.dtype(value).name
+    except TypeError:
+        dtype = None
+    if dtype not in SCALE_DTYPES:
+        raise ValueError(f"{name} must be one of {SCALE_DTYPES}, got {value!r}")
+    return dtype
+
+
+def _round_up(v: Array, dtype: str) -> Array:
+    """The smallest value of ``dtype`` that is ``>= v`` (as ``dtype``)."""
+    s = v.astype(dtype)
+    return jnp.where(s.astype(jnp.float32) < v, jnp.nextafter(s, jnp.asarray(jnp.inf, dtype)), s)
+
+
+def _round_down(v: Array, dtype: str) -> Array:
+    """The largest value of ``dtype`` that is ``<= v`` (as ``dtype``)."""
+    s = v.astype(dtype)
+    return jnp.where(s.astype(jnp.float32) > v, jnp.nextafter(s, jnp.asarray(-jnp.inf, dtype)), s)
+
+
+def _pack(q: Array, bits: int) -> Array:
+    return packing.pack(q.reshape(-1).astype(jnp.uint32), bits)
+
+
+def _unpack(words: Array, bits: int, shape: tuple[int, int]) -> Array:
+    return packing.unpack(words, bits, shape[0] * shape[1]).reshape(shape)
+
+
+# --------------------------------------------------------------------------- RTN
+
+
+@pytree_dataclass
+class RTNCodes:
+    """Codes of :func:`rtn`.
+
+    Attributes:
+      codes: ``uint32`` words holding ``n*d`` codes of ``bits`` bits, row-major.
+      scales: ``[R, G]`` grid steps at ``scale_dtype`` (``R x G`` is ``1 x 1``
+        per tensor, ``n x 1`` per row, ``n x d/group_size`` per group).
+      zeros: ``[R, G]`` grid origins (the rounded-down minimum) at
+        ``scale_dtype``; ``None`` when symmetric.
+      shape: the encoded matrix shape (static).
+    """
+
+    codes: Array
+    scales: Array
+    zeros: Array | None
+    shape: tuple[int, int] = static_field()
+
+
+def _resolve_granularity(granularity: str | None, group_size: int | None) -> str:
+    if granularity is None:
+        return "row" if group_size is None else "group"
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES} or None, got {granularity!r}")
+    if granularity == "group" and group_size is None:
+        raise ValueError("granularity='group' needs a group_size, got group_size=None")
+    if granularity != "group" and group_size is not None:
+        raise ValueError(f"group_size must be None with granularity={granularity!r}, got {group_size}")
+    return granularity
+
+
+def _groups(x: Array, granularity: str, group_size: int | None) -> Array:
+    """Reshapes ``x[n, d]`` to ``[R, G, g]``: one scale per ``[r, g_index]``."""
+    n, d = x.shape
+    if granularity == "tensor":
+        return x.reshape(1, 1, n * d)
+    if granularity == "row":
+        return x.reshape(n, 1, d)
+    if d % group_size:
+        raise ValueError(f"group_size={group_size} must divide the width d={d} of the matrix")
+    return x.reshape(n, d // group_size, group_size)
+
+
+def _symmetric_levels(q: Array, bits: int) -> Array:
+    """Signed level of code ``q``: ``q - (2**(bits-1) - 1)``, or ``2q - 1`` for 1 bit."""
+    q = q.astype(jnp.float32)
+    return 2.0 * q - 1.0 if bits == 1 else q - float(2 ** (bits - 1) - 1)
+
+
+@register_method("rtn")
+def rtn(
+    bits: int,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    granularity: str | None = None,
+    scale_dtype: str = "float16",
+) -> Quantizer:
+    """Round-to-nearest scalar quantization on a uniform grid.
+
+    Granularity: ``granularity="tensor"`` (one scale for the matrix),
+    ``"row"`` (one per row), or ``"group"`` (one per ``group_size`` consecutive
+    elements of a row; ``group_size`` must divide the width, checked when the
+    matrix is seen). ``granularity=None`` (default) means ``"group"`` if a
+    ``group_size`` is given, else ``"row"``.
+
+    Grids, with ``L = 2**bits - 1`` and the stored (rounded) ``s`` and ``z``:
+
+    * asymmetric (min-max): ``x̂ = z + s * q``, ``q in 0..L``, where ``z`` is the
+      group minimum rounded *down* to ``scale_dtype`` and ``s = (max - z) / L``
+      rounded *up*, so the grid covers the group and no value is clipped:
+      ``|x - x̂| <= s/2`` (up to float32 rounding). Constant groups get ``s = 0``
+      and decode exactly to their value rounded to ``scale_dtype`` (exactly,
+      with ``scale_dtype="float32"``). ``zeros`` are stored.
+    * symmetric (absmax), ``bits >= 2``: ``x̂ = s * k``, ``k in -M..M`` with
+      ``M = 2**(bits-1) - 1`` (the code ``2**bits - 1`` is unused), ``s =
+      absmax / M`` rounded up: ``|x - x̂| <= s/2``; all-zero groups get ``s = 0``
+      and decode exactly. No zeros are stored.
+    * symmetric, ``bits == 1``: sign quantization ``x̂ = ±s`` with ``s =
+      mean|x|`` of the group (the MSE-optimal scale for signs).
+
+    Encoding uses the stored (rounded) scales and zeros, so decoding reproduces
+    exactly what the codes mean. Stored bits: ``32 * ceil(n*d*bits/32)`` for
+    codes, plus ``R*G*w`` for scales and (asymmetric) as much for zeros, with
+    ``w`` the width of ``scale_dtype``. Ranges beyond the ``scale_dtype`` range
+    (65504 for float16) overflow: use ``scale_dtype="float32"`` for such data.
+
+    Args:
+      bits: bits per element, 1..8.
+      group_size: elements per group along a row (``granularity="group"``).
+      symmetric: absmax grid around 0 instead of a min-max grid.
+      granularity: ``"tensor"``, ``"row"``, ``"group"`` or ``None`` (see above).
+      scale_dtype: stored dtype of scales and zeros: ``"float16"``,
+        ``"bfloat16"`` or ``"float32"``.
+
+    Returns:
+      A :class:`~qetjax.core.Quantizer` whose ``fit`` learns nothing (params
+      are ``None``); all side information is per-data, in :class:`RTNCodes`.
+
+    Example:
+        >>> q = rtn(4, group_size=128, symmetric=True)
+        >>> x_hat = qetjax.dequantize(qetjax.quantize(q, jax.random.key(0), x))
+    """
+    bits = check_int("bits", bits, 1, MAX_BITS)
+    if group_size is not None:
+        group_size = check_int("group_size", group_size, 1)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+    granularity = _resolve_granularity(granularity, group_size)
+    scale_dtype = _check_dtype("scale_dtype", scale_dtype)
+    top = 2**bits - 1
+
+    def fit(key: PRNGKey, x: Array) -> None:
+        del key
+        _groups(x, granularity, group_size)  # validates group_size against the width
+        return None
+
+    def encode(params: None, x: Array) -> RTNCodes:
+        del params
+        g = _groups(x, granularity, group_size)
+        if symmetric and bits == 1:
+            a = jnp.abs(g)  # clipping the float mean to [min, max] keeps constants exact
+            scales = jnp.clip(jnp.mean(a, axis=-1), jnp.min(a, axis=-1), jnp.max(a, axis=-1)).astype(scale_dtype)
+            return RTNCodes(_pack(g >= 0, bits), scales, None, x.shape)
+        if symmetric:
+            m = 2 ** (bits - 1) - 1
+            scales = _round_up(jnp.max(jnp.abs(g), axis=-1) / m, scale_dtype)
+            s = scales.astype(jnp.float32)[..., None]
+            k = jnp.where(s > 0, jnp.round(g / jnp.where(s > 0, s, 1.0)), 0.0)
+            q = jnp.clip(k, -m, m) + m
+            return RTNCodes(_pack(q, bits), scales, None, x.shape)
+        zeros = _round_down(jnp.min(g, axis=-1), scale_dtype)
+        z = zeros.astype(jnp.float32)[..., None]
+        scales = _round_up((jnp.max(g, axis=-1) - z[..., 0]) / top, scale_dtype)
+        s = scales.astype(jnp.float32)[..., None]
+        q = jnp.where(s > 0, jnp.round((g - z) / jnp.where(s > 0, s, 1.0)), 0.0)
+        return RTNCodes(_pack(jnp.clip(q, 0, top), bits), scales, zeros, x.shape)
+
+    def decode(params: None, c: RTNCodes) -> Array:
+        del params
+        q = _unpack(c.codes, bits, c.shape).reshape(c.scales.shape + (-1,))
+        s = c.scales.astype(jnp.float32)[..., None]
+        if symmetric:
+            return (s * _symmetric_levels(q, bits)).reshape(c.shape)
+        z = c.zeros.astype(jnp.float32)[..., None]
+        return (z + s * q.astype(jnp.float32)).reshape(c.shape)
+
+    return Quantizer(fit, encode, decode)
+
+
+def rtn_group_sizes(width: int) -> tuple[int, ...]:
+    """Group sizes tried by the RTN budget solver: powers of two ``>= 32`` dividing ``width``, ascending."""
+    width = check_int("width", width, 1)
+    return tuple(g for g in (2**k for k in range(5, 31)) if g < width and width % g == 0)
+
+
+def _bits_of(q: Quantizer) -> int:
+    return dict(q.spec.args)["bits"]
+
+
+@register_budget("rtn")
+def rtn_for_budget(
+    shape: tuple[int, int],
+    bits_per_element: float,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    granularity: str | None = None,
+    scale_dtype: str = "float16",
+) -> Quantizer:
+    """The RTN quantizer with the most bits (then the finest scales) that fits the budget.
+
+    If ``group_size`` or ``granularity`` is given, only ``bits`` (1..8) is
+    chosen: the largest whose stored size (codes + scales + zeros) fits. If
+    neither is given, the granularities tried are the group sizes of
+    :func:`rtn_group_sizes` (ascending), then per row, then per tensor; the
+    result is the largest ``bits`` any of them fits, with the finest
+    granularity that fits at that ``bits``.
+
+    Raises:
+      ValueError: nothing fits (even 1 bit per tensor), or a given
+        ``group_size`` does not divide the width.
+
+    Example:
+        >>> q = qetjax.for_budget("rtn", (4096, 4096), 4.25)  # rtn(4, group_size=128)
+    """
+    if group_size is not None and shape[1] % group_size:
+        raise ValueError(f"group_size={group_size} must divide the width d={shape[1]} of the matrix")
+    if group_size is not None or granularity is not None:
+        candidates = [(group_size, granularity)]
+    else:
+        candidates = [(g, None) for g in rtn_group_sizes(shape[1])] + [(None, None), (None, "tensor")]
+    limit = budget_bits(shape, bits_per_element)
+    best = None
+    for g, gran in candidates:
+        def make(b: int, g: int | None = g, gran: str | None = gran) -> Quantizer:
+            return rtn(b, g, symmetric, gran, scale_dtype)
+
+        if stored_bits(make(1), shape) <= limit:
+            q = largest_fitting(make, range(1, MAX_BITS + 1), shape, bits_per_element)
+            if best is None or _bits_of(q) > _bits_of(best):
+                best = q
+    if best is None:
+        g, gran = candidates[-1]  # the coarsest candidate
+        need = stored_bits(rtn(1, g, symmetric, gran, scale_dtype), shape) / (shape[0] * shape[1])
+        raise ValueError(
+            f"bits_per_element={bits_per_element} is too small for rtn on shape {tuple(shape)}: "
+            f"the smallest configuration needs {need:.4f}"
+        )
+    return best
+
+
+# --------------------------------------------------------------------------- Lloyd-Max engine
+
+
+def quantize_to_levels(values: Array, levels: Array) -> Array:
+    """Index of the nearest of sorted ``levels`` for every value (jit-able).
+
+    Args:
+      values: float array of any shape.
+      levels: 1-D float array sorted ascending (ties go to the lower level).
+
+    Returns:
+      ``int32`` indices into ``levels``, of the shape of ``values``.
+
+    Example:
+        >>> quantize_to_levels(jnp.array([-2.0, 0.1, 3.0]), jnp.array([-1.0, 0.0, 1.0]))
+        Array([0, 1, 2], dtype=int32)
+    """
+    levels = jnp.asarray(levels, jnp.float32)
+    mids = (levels[1:] + levels[:-1]) / 2
+    values = jnp.asarray(values, jnp.float32)
+    return jnp.searchsorted(mids, values, side="left", method="scan_unrolled").astype(jnp.int32)
+
+
+def lloyd_max_levels(samples: Array, num_levels: int, iters: int = 100) -> Array:
+    """Fits ``num_levels`` levels to a 1-D sample by Lloyd-Max iteration (1-D k-means).
+
+    Levels start at the sample quantiles ``(i + 1/2) / num_levels`` and take
+    ``iters`` Lloyd steps in a ``lax.fori_loop``: assign every sample to its
+    nearest level (thresholds at midpoints), move each level to the mean of its
+    cell (a level whose cell is empty stays put). Each step does not increase
+    the sample MSE. jit-able; ``num_levels`` and ``iters`` are static.
+
+    Args:
+      samples: 1-D float array (non-empty).
+      num_levels: number of levels, >= 1 (duplicates are possible when the
+        sample has fewer distinct values).
+      iters: Lloyd iterations, >= 0.
+
+    Returns:
+      ``float32[num_levels]``, sorted ascending.
+
+    Example:
+        >>> x = jax.random.normal(jax.random.key(0), (100_000,))
+        >>> lloyd_max_levels(x, 4)  # about [-1.510, -0.4528, 0.4528, 1.510]
+    """
+    num_levels = check_int("num_levels", num_levels, 1)
+    iters = check_int("iters", iters, 0)
+    samples = jnp.asarray(samples, jnp.float32)
+    if samples.ndim != 1 or samples.shape[0] == 0:
+        raise ValueError(f"samples must be a non-empty 1-D array, got shape {samples.shape}")
+    sorted_samples = jnp.sort(samples)
+    probs = (np.arange(num_levels) + 0.5) / num_levels
+    init = sorted_samples[np.minimum((probs * samples.shape[0]).astype(np.int32), samples.shape[0] - 1)]
+
+    def step(_: int, levels: Array) -> Array:
+        cell = quantize_to_levels(sorted_samples, levels)
+        sums = jax.ops.segment_sum(sorted_samples, cell, num_levels, indices_are_sorted=True)
+        counts = jax.ops.segment_sum(jnp.ones_like(sorted_samples), cell, num_levels, indices_are_sorted=True)
+        return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), levels)
+
+    return jax.lax.fori_loop(0, iters, step, init)
+
+
+# --------------------------------------------------------------------------- Lloyd-Max quantizer
+
+
+@pytree_dataclass
+class LloydMaxParams:
+    """Params of :func:`lloyd_max`: the ``2**bits`` sorted levels at ``codebook_dtype``."""
+
+    codebook: Array
+
+
+@pytree_dataclass
+class LloydMaxCodes:
+    """Codes of :func:`lloyd_max`: ``n*d`` level indices of ``bits`` bits, packed row-major."""
+
+    codes: Array
+    shape: tuple[int, int] = static_field()
+
+
+@register_method("lloyd_max")
+def lloyd_max(bits: int, iters: int = 100, max_samples: int = 65536, codebook_dtype: str = "float16") -> Quantizer:
+    """Lloyd-Max scalar quantization: one optimal non-uniform codebook per matrix.
+
+    ``fit`` draws ``max_samples`` values uniformly (with replacement, from the
+    key) when the matrix has more, else uses all of them, and fits ``2**bits``
+    levels with :func:`lloyd_max_levels`; the levels are stored at
+    ``codebook_dtype``. ``encode`` maps every element to its nearest stored
+    level. Stored bits: ``32 * ceil(n*d*bits/32)`` for codes plus
+    ``2**bits * w`` for the codebook (``w`` the width of ``codebook_dtype``;
+    values beyond its range, 65504 for float16, need ``"float32"``).
+
+    Args:
+      bits: bits per element, 1..8.
+      iters: Lloyd iterations, >= 0.
+      max_samples: most values used to fit the levels, >= 1.
+      codebook_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+
+    Example:
+        >>> qa = qetjax.quantize(lloyd_max(3), jax.random.key(0), x)
+        >>> qetjax.bits(qa)["codebook"]
+        128
+    """
+    bits = check_int("bits", bits, 1, MAX_BITS)
+    iters = check_int("iters", iters, 0)
+    max_samples = check_int("max_samples", max_samples, 1)
+    codebook_dtype = _check_dtype("codebook_dtype", codebook_dtype)
+
+    def fit(key: PRNGKey, x: Array) -> LloydMaxParams:
+        values = x.reshape(-1)
+        if values.shape[0] > max_samples:
+            values = values[jax.random.randint(key, (max_samples,), 0, values.shape[0])]
+        levels = lloyd_max_levels(values, 2**bits, iters)
+        return LloydMaxParams(levels.astype(codebook_dtype))
+
+    def encode(params: LloydMaxParams, x: Array) -> LloydMaxCodes:
+        return LloydMaxCodes(_pack(quantize_to_levels(x, params.codebook), bits), x.shape)
+
+    def decode(params: LloydMaxParams, c: LloydMaxCodes) -> Array:
+        return params.codebook.astype(jnp.float32)[_unpack(c.codes, bits, c.shape)]
+
+    return Quantizer(fit, encode, decode)
+
+
+@register_budget("lloyd_max")
+def lloyd_max_for_budget(shape: tuple[int, int], bits_per_element: float, **options: Any) -> Quantizer:
+    """The Lloyd-Max quantizer with the most bits (1..8) whose codes + codebook fit.
+
+    ``options`` are passed to :func:`lloyd_max` (``iters``, ``max_samples``,
+    ``codebook_dtype``).
+
+    Raises:
+      ValueError: even 1 bit does not fit.
+    """
+    return largest_fitting(lambda b: lloyd_max(b, **options), range(1, MAX_BITS + 1), shape, bits_per_element)
