@@ -1,0 +1,228 @@
+"""Optimized product quantization (OPQ): a learned rotation in front of PQ.
+
+OPQ (Ge et al. 2013, the non-parametric variant; faiss's ``OPQMatrix``) learns
+an orthogonal ``R[w, w]`` so that the rotated rows ``x @ R`` are easier to
+product-quantize. Training alternates, ``iters`` times:
+
+1. a few hot-started Lloyd steps of the PQ codebooks on ``x @ R``
+   (``pq_iters``; the first codebooks come from ``init_iters`` k-means steps
+   on ``x`` itself, i.e. with ``R = I``),
+2. the PQ reconstruction ``ŷ`` of ``x @ R``,
+3. the orthogonal Procrustes solution ``R = argmin ||x R - ŷ||_F``, which is
+   ``U V^T`` for the SVD ``x^T ŷ = U Σ V^T``.
+
+Then, like faiss's ``IndexPQ`` behind an ``OPQMatrix``, the final PQ is fitted
+from scratch on ``x @ R``. The method is :func:`qetjax.core.transformed` of the
+rotation and :func:`qetjax.pq`: encoding rotates with the *stored* rotation and
+decoding applies its transpose, ``x̂ = ŷ R^T``. The rotation is stored at
+``rotation_dtype`` (float32 by default, as faiss stores it; float16 halves its
+cost, and then ``R^T`` is only approximately its inverse) and counted as
+``"rotation"`` in :func:`qetjax.bits`: ``w * w * 32`` (or 16) bits, which is
+``32 * w / n`` bits per element of an ``[n, w]`` matrix.
+
+Example:
+    >>> import jax, qetjax
+    >>> x = jax.random.normal(jax.random.key(0), (2048, 32))
+    >>> qa = qetjax.quantize(qetjax.opq(4, 16, iters=10), jax.random.key(1), x)
+    >>> sorted(qetjax.bits(qa))
+    ['codebook', 'codes', 'rotation', 'total']
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from qetjax import kmeans
+from qetjax.budget import largest_fitting
+from qetjax.core import (
+    Quantizer,
+    Transform,
+    check_int,
+    pytree_dataclass,
+    register_budget,
+    register_method,
+    transformed,
+)
+from qetjax.pq import default_subvector_dim, merge, pq, split
+
+_ROTATION_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@pytree_dataclass
+class Rotation:
+    """An orthogonal matrix ``[w, w]`` (or a stack ``[C, w, w]``) at its stored dtype."""
+
+    rotation: jax.Array
+
+    def values(self) -> jax.Array:
+        """The rotation as float32."""
+        return self.rotation.astype(jnp.float32)
+
+
+def procrustes(x: jax.Array, y: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """The orthogonal ``R`` minimising ``sum_i weights_i ||x_i R - y_i||^2``.
+
+    Args:
+      x: ``[n, w]`` source rows.
+      y: ``[n, w]`` target rows.
+      weights: optional ``[n]`` non-negative row weights (e.g. a 0/1 mask).
+
+    Returns:
+      ``float32[w, w]`` orthogonal, ``U V^T`` for the SVD ``x^T diag(weights) y = U Σ V^T``.
+
+    Example:
+        >>> r = procrustes(x, x @ q)   # recovers an orthogonal q
+    """
+    xw = x if weights is None else x * weights[:, None]
+    u, _, vt = jnp.linalg.svd(xw.T @ y, full_matrices=False)
+    return u @ vt
+
+
+def lloyd_step(parts: jax.Array, centroids: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """One hot-started, weighted Lloyd step of per-subspace codebooks.
+
+    Args:
+      parts: ``[S, n, d]`` subvectors.
+      centroids: ``[S, k, d]`` current codebooks.
+      weights: optional ``[n]`` row weights; rows of weight 0 are ignored.
+
+    Returns:
+      ``[S, k, d]``: each centroid moved to the weighted mean of its points;
+      centroids without (weighted) points stay where they are.
+    """
+    k = centroids.shape[1]
+    w = jnp.ones(parts.shape[1], parts.dtype) if weights is None else weights
+    codes = kmeans.assign(parts, centroids)[0]
+    sums = jax.vmap(lambda p, c: jax.ops.segment_sum(p * w[:, None], c, k))(parts, codes)
+    counts = jax.vmap(lambda c: jax.ops.segment_sum(w, c, k))(codes)
+    return jnp.where(counts[..., None] > 0, sums / jnp.maximum(counts, 1e-30)[..., None], centroids)
+
+
+def reconstruct(parts: jax.Array, centroids: jax.Array) -> jax.Array:
+    """The PQ reconstruction ``[n, S * d]`` of subvectors ``[S, n, d]``."""
+    codes = kmeans.assign(parts, centroids)[0]
+    return merge(jnp.take_along_axis(centroids, codes[..., None], axis=1))
+
+
+def learn_rotation(
+    x: jax.Array,
+    centroids: jax.Array,
+    iters: int,
+    pq_iters: int,
+    weights: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """OPQ's alternation: Lloyd steps on ``x @ R``, then Procrustes, ``iters`` times.
+
+    Args:
+      x: ``[n, w]`` training rows.
+      centroids: ``[S, k, d]`` initial codebooks (for ``R = I``), ``S * d = w``.
+      iters: alternations.
+      pq_iters: hot-started Lloyd steps per alternation.
+      weights: optional ``[n]`` row weights (a mask for LOPQ's cells).
+
+    Returns:
+      ``(R float32[w, w], codebooks [S, k, d] in the rotated frame)``.
+    """
+    d = centroids.shape[2]
+
+    def body(_: Any, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        r, c = state
+        parts = split(x @ r, d)
+        c = lax.fori_loop(0, pq_iters, lambda _, cc: lloyd_step(parts, cc, weights), c)
+        return procrustes(x, reconstruct(parts, c), weights), c
+
+    eye = jnp.eye(x.shape[1], dtype=jnp.float32)
+    return lax.fori_loop(0, iters, body, (eye, centroids))
+
+
+def _check_dtype(name: str, value: Any) -> str:
+    if value not in _ROTATION_DTYPES:
+        raise ValueError(f"{name} must be one of {_ROTATION_DTYPES}, got {value!r}")
+    return value
+
+
+@register_method("opq")
+def opq(
+    subvector_dim: int,
+    num_centroids: int,
+    iters: int = 50,
+    pq_iters: int = 4,
+    init_iters: int = 40,
+    rotation_dtype: str = "float32",
+    codebook_dtype: str = "float16",
+    codebook_bits: int | None = None,
+    kmeans_iters: int = 25,
+    init: str = "kmeans++",
+    max_points_per_centroid: int = 256,
+    max_train_points: int = 65536,
+) -> Quantizer:
+    """Optimized product quantizer: a learned rotation in front of :func:`qetjax.pq`.
+
+    Args:
+      subvector_dim: columns per subvector; must divide the matrix width.
+      num_centroids: centroids per codebook (``1..65536``).
+      iters: OPQ alternations (faiss's ``niter``, 50).
+      pq_iters: Lloyd steps per alternation (faiss's ``niter_pq``, 4).
+      init_iters: k-means steps of the first codebooks (faiss's ``niter_pq_0``, 40).
+      rotation_dtype: stored dtype of the rotation (``"float32"``, ``"float16"``
+        or ``"bfloat16"``); encoding and decoding use the stored values.
+      codebook_dtype, codebook_bits, kmeans_iters, init, max_points_per_centroid:
+        the final PQ's settings (see :func:`qetjax.pq`; ``kmeans_iters`` is its
+        ``iters``).
+      max_train_points: the rotation is learned on at most this many rows (a
+        random subsample), like faiss's ``max_train_points``.
+
+    Returns:
+      A :class:`~qetjax.core.Quantizer` whose params are
+      ``TransformedParams(Rotation, pq params)``.
+
+    Example:
+        >>> q = opq(subvector_dim=8, num_centroids=256, codebook_dtype="float32")
+    """
+    d = check_int("subvector_dim", subvector_dim, 1)
+    k = check_int("num_centroids", num_centroids, 1, 1 << 16)
+    iters = check_int("iters", iters, 0)
+    pq_iters = check_int("pq_iters", pq_iters, 1)
+    init_iters = check_int("init_iters", init_iters, 0)
+    max_train = check_int("max_train_points", max_train_points, 1)
+    rdtype = _check_dtype("rotation_dtype", rotation_dtype)
+    inner = pq(d, k, False, codebook_dtype, codebook_bits, kmeans_iters, init, max_points_per_centroid)
+
+    def fit(key: jax.Array, x: jax.Array) -> Rotation:
+        n = x.shape[0]
+        if k > n:
+            raise ValueError(f"num_centroids={k} exceeds the {n} rows of x")
+        k_sub, k_init = jax.random.split(key)
+        if n > max_train:
+            x = x[jax.random.choice(k_sub, n, (max_train,), replace=False)]
+        c0 = kmeans.fit(k_init, split(x, d), k, init_iters, init, max_points_per_centroid)
+        return Rotation(learn_rotation(x, c0, iters, pq_iters)[0].astype(rdtype))
+
+    def forward(t: Rotation, x: jax.Array) -> tuple[jax.Array, None]:
+        return x @ t.values(), None
+
+    def inverse(t: Rotation, y: jax.Array, side: None) -> jax.Array:
+        return y @ t.values().T
+
+    return transformed(Transform(fit, forward, inverse), inner)
+
+
+@register_budget("opq")
+def opq_for_budget(
+    shape: tuple[int, int], bits_per_element: float, subvector_dim: int | None = None, **options: Any
+) -> Quantizer:
+    """The OPQ with the most centroids whose stored size (rotation included) fits.
+
+    Args:
+      shape: matrix shape.
+      bits_per_element: budget (codes + codebooks + rotation).
+      subvector_dim: defaults to :func:`qetjax.pq.default_subvector_dim`.
+      **options: other :func:`opq` arguments (``rotation_dtype``, ...).
+    """
+    d = subvector_dim or default_subvector_dim(shape[1], bits_per_element)
+    ks = list(range(2, min(1 << 16, shape[0]) + 1))
+    return largest_fitting(lambda k: opq(d, k, **options), ks, shape, bits_per_element)

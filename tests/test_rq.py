@@ -1,0 +1,105 @@
+"""Tests of qetjax.rq: stages and beam search never worse, bits formula, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qetjax
+from qetjax.core import stored_bits
+from qetjax.packing import code_width
+from qetjax.rq import rq
+
+KEY = jax.random.key(0)
+N, W, K = 512, 8, 16
+X = jax.random.normal(jax.random.key(3), (N, W))
+
+
+def run(q, x=X, key=KEY):
+    qa = qetjax.quantize(q, key, x)
+    return qa, jnp.sum((qetjax.dequantize(qa) - x) ** 2, axis=1)
+
+
+def test_more_stages_never_worse_on_training_data():
+    errors = [float(run(rq(m, K, codebook_dtype="float32"))[1].mean()) for m in (1, 2, 3)]
+    assert errors[0] >= errors[1] >= errors[2]
+    assert errors[0] < float(jnp.mean(jnp.sum(X**2, axis=1)))
+
+
+def test_beam_never_worse_than_greedy_per_row_two_stages():
+    # With two stages the greedy path stays in the beam, so every row is at least as good.
+    q1, q4 = rq(2, K, beam_size=1), rq(2, K, beam_size=4)
+    qa = qetjax.quantize(q1, KEY, X)
+    greedy = jnp.sum((q1.decode(qa.params, q1.encode(qa.params, X)) - X) ** 2, axis=1)
+    beam = jnp.sum((q4.decode(qa.params, q4.encode(qa.params, X)) - X) ** 2, axis=1)
+    assert bool(jnp.all(beam <= greedy + 1e-5))
+
+
+def test_beam_not_worse_on_average_more_stages():
+    _, greedy = run(rq(4, K, beam_size=1))
+    _, beam = run(rq(4, K, beam_size=8))
+    assert float(beam.mean()) <= float(greedy.mean())
+
+
+def test_beam_matches_exhaustive_search_when_beam_covers_all():
+    # beam_size = K with two stages keeps every first-stage choice: exact optimum.
+    q = rq(2, 4, beam_size=4)
+    x = X[:64]
+    qa = qetjax.quantize(q, KEY, x)
+    cb = qa.params.values()[:, 0]  # [2, 4, W]
+    sums = cb[0][:, None, :] + cb[1][None, :, :]  # [4, 4, W]
+    best = jnp.min(jnp.sum((x[:, None, None, :] - sums[None]) ** 2, -1).reshape(64, -1), axis=1)
+    got = jnp.sum((qetjax.dequantize(qa) - x) ** 2, axis=1)
+    np.testing.assert_allclose(got, best, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("m, k, d, dtype", [(3, 16, None, "float16"), (2, 5, 4, "float32")])
+def test_bits_equal_formula(m, k, d, dtype):
+    qa, _ = run(rq(m, k, subvector_dim=d, codebook_dtype=dtype))
+    s = W // d if d else 1
+    cbits = 16 if dtype == "float16" else 32
+    codes = -(-N * s * m * code_width(k) // 32) * 32
+    assert qetjax.bits(qa)["codes"] == codes
+    assert qetjax.bits(qa)["total"] == codes + m * k * W * cbits == stored_bits(qa.quantizer, (N, W))
+
+
+def test_deterministic_and_jit_matches_eager():
+    x = X[:128]
+    q = rq(2, 8, beam_size=2, subvector_dim=4, iters=3)
+    qa = qetjax.quantize(q, KEY, x)
+    a = qetjax.dequantize(qa)
+    np.testing.assert_array_equal(a, qetjax.dequantize(qetjax.quantize(q, KEY, x)))
+    eager = q.decode(qa.params, q.encode(qa.params, x))  # op-by-op, same params
+    np.testing.assert_allclose(a, eager, atol=1e-4)
+    params = q.fit(KEY, x)  # eager fit: same objective up to float reassociation
+    e_eager = float(jnp.mean((q.decode(params, q.encode(params, x)) - x) ** 2))
+    np.testing.assert_allclose(e_eager, float(jnp.mean((a - x) ** 2)), rtol=1e-2)
+
+
+def test_budget_fits():
+    q = qetjax.for_budget("rq", (4096, 64), 2.0, beam_size=2)
+    assert stored_bits(q, (4096, 64)) <= 2 * 4096 * 64
+    assert stored_bits(rq(dict(q.spec.args)["num_stages"] + 1, 256, 2), (4096, 64)) > 2 * 4096 * 64
+
+
+@pytest.mark.parametrize(
+    "kwargs, err",
+    [
+        (dict(num_stages=0, num_centroids=4), ValueError),
+        (dict(num_stages=2, num_centroids=0), ValueError),
+        (dict(num_stages=2, num_centroids=4, beam_size=0), ValueError),
+        (dict(num_stages=2, num_centroids=4, subvector_dim=0), ValueError),
+        (dict(num_stages=2, num_centroids=4, codebook_dtype="int8"), ValueError),
+        (dict(num_stages=2.5, num_centroids=4), TypeError),
+    ],
+)
+def test_bad_arguments(kwargs, err):
+    with pytest.raises(err):
+        rq(**kwargs)
+
+
+def test_bad_data():
+    with pytest.raises(ValueError, match="divide"):
+        qetjax.quantize(rq(1, 4, subvector_dim=3), KEY, X)
+    with pytest.raises(ValueError, match="num_centroids"):
+        qetjax.quantize(rq(1, 1024), KEY, X)
