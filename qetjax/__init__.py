@@ -25,11 +25,9 @@ from qetjax.core import (
     stored_bits,
 )
 from qetjax.pq import pq
-from qetjax import pvq, rotations
 from qetjax.opq import opq
 from qetjax.lopq import lopq
 from qetjax.rq import rq
 from qetjax.scalar import lloyd_max, rtn
 from qetjax.io import load, save
 from qetjax.tree import dequantize_tree, quantize_tree
-from qetjax import data, swap_tree
