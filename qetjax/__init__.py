@@ -31,3 +31,4 @@ from qetjax.rq import rq
 from qetjax.scalar import lloyd_max, rtn
 from qetjax.io import load, save
 from qetjax.tree import dequantize_tree, quantize_tree
+from qetjax import data, swap_tree
