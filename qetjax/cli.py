@@ -1,0 +1,126 @@
+"""The ``qetjax-bench`` command: every registered method at equal stored bits.
+
+On an embedded default — a Gaussian matrix, the QET paper's synthetic dataset
+and, when the ``models`` extra is installed, a real MiniLM weight matrix — each
+method that has a budget solver is fitted at 2, 3 and 4 stored bits per element
+and one table is printed: method, stored bits/element, MSE, SQNR, fit+encode
+seconds, decode seconds (compile time excluded: each is timed on a second call).
+
+Example:
+    $ qetjax-bench --quick
+    $ qetjax-bench --bits 2 3 --methods pq rtn --csv results.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from qetjax import data, metrics
+from qetjax.budget import for_budget
+from qetjax.core import METHODS, bits, dequantize, quantize
+
+COLUMNS = ("data", "shape", "method", "budget", "bits_per_element", "mse", "sqnr_db", "fit_encode_s", "decode_s", "config")
+
+
+DATA = ("gaussian", "qet_paper", "minilm")
+
+
+def datasets(quick: bool, names: Sequence[str] = DATA) -> dict[str, np.ndarray]:
+    """The embedded default matrices (MiniLM only when its extra is installed)."""
+    shape = (256, 128) if quick else (1024, 512)
+    out = {}
+    if "gaussian" in names:
+        out["gaussian"] = np.asarray(data.gaussian(jax.random.key(0), shape))
+    if "qet_paper" in names:
+        out["qet_paper"] = np.asarray(data.qet_paper(jax.random.key(1), shape))
+    if "minilm" not in names:
+        return out
+    try:
+        weights = data.minilm_weights()
+    except ImportError:
+        return out
+    name = "encoder/layer_0/attention/query/kernel" if quick else "encoder/layer_0/mlp/intermediate/kernel"
+    out["minilm:" + name] = np.asarray(weights[name])
+    return out
+
+
+def _timed(fn: Any, *args: Any) -> tuple[Any, float]:
+    """Calls ``fn`` twice (the first compiles) and returns the second call's output and time."""
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - t0
+
+
+def bench_one(name: str, x: np.ndarray, method: str, budget: float) -> dict[str, Any]:
+    """One table row: ``method`` fitted to ``x`` at ``budget`` stored bits per element."""
+    row = {"data": name, "shape": "x".join(map(str, x.shape)), "method": method, "budget": budget}
+    try:
+        q = for_budget(method, x.shape, budget)
+    except ValueError as err:  # the method cannot meet this budget on this shape
+        return {**row, "config": f"n/a: {err}"}
+    key = jax.random.key(0)
+    qa, fit_s = _timed(quantize, q, key, x)
+    y, dec_s = _timed(dequantize, qa)
+    args = ", ".join(f"{k}={v}" for k, v in q.spec.args if not hasattr(v, "args"))
+    return {
+        **row,
+        "bits_per_element": bits(qa)["total"] / x.size,
+        "mse": metrics.mse(x, y),
+        "sqnr_db": metrics.sqnr_db(x, y),
+        "fit_encode_s": fit_s,
+        "decode_s": dec_s,
+        "config": args,
+    }
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows as a markdown table."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``qetjax-bench``."""
+    budgeted = sorted(n for n, m in METHODS.items() if m.budget is not None)
+    parser = argparse.ArgumentParser(prog="qetjax-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small matrices: a seconds-long run")
+    parser.add_argument("--bits", type=float, nargs="+", default=[2.0, 3.0, 4.0], help="budgets in bits/element")
+    parser.add_argument("--methods", nargs="+", default=budgeted, choices=budgeted, metavar="METHOD",
+                        help=f"methods to run (default: all of {budgeted})")
+    parser.add_argument("--data", nargs="+", default=list(DATA), choices=DATA,
+                        help="matrices to use (minilm needs the models extra)")
+    parser.add_argument("--csv", metavar="PATH", help="also write the rows to a CSV file")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+
+    sets = datasets(args.quick, args.data)
+    jobs = [(n, x, m, b) for n, x in sets.items() for m in args.methods for b in args.bits]
+    rows = []
+    for job in tqdm(jobs, disable=args.no_progress, desc="qetjax-bench", file=sys.stderr):
+        rows.append(bench_one(*job))
+    print(markdown(rows))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
