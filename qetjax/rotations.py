@@ -1,0 +1,112 @@
+"""Rotations that spread energy across coordinates before quantization.
+
+- :func:`fwht`: the orthonormal fast Walsh–Hadamard transform, ``O(n log n)``,
+  any power-of-two length; symmetric and its own inverse.
+- :func:`randomized_hadamard`: random signs then the Hadamard transform, in
+  blocks (see :func:`hadamard_block`), regenerated from a stored 64-bit seed.
+- :func:`hadamard_transform`: the same as a :class:`qetjax.core.Transform`, to put
+  in front of any quantizer (``core.transformed``); it stores only its seed.
+- :func:`random_orthogonal`: a Haar-random orthogonal matrix.
+
+Rule for widths that are not powers of two: rows of width ``d`` are rotated in
+independent blocks of ``hadamard_block(d)`` = the largest power of two dividing
+``d`` (``384 -> 128``, ``768 -> 256``, an odd ``d`` -> 1, i.e. signs only), so the
+transform stays orthogonal and exact for every ``d``.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> x = jax.random.normal(jax.random.key(0), (4, 384))
+    >>> seed = jax.random.key_data(jax.random.key(1))
+    >>> y = randomized_hadamard(x, seed)
+    >>> bool(jnp.allclose(randomized_hadamard(y, seed, inverse=True), x, atol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qetjax.core import PRNGKey, Transform, pytree_dataclass
+
+
+def fwht(x: jax.Array) -> jax.Array:
+    """Orthonormal Walsh–Hadamard transform along the last axis (length a power of two).
+
+    ``fwht(fwht(x)) == x`` and ``||fwht(x)|| == ||x||`` (up to rounding).
+    """
+    n = x.shape[-1]
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"the last axis must have a power-of-two length, got {n}")
+    lead = x.shape[:-1]
+    h = 1
+    while h < n:
+        y = x.reshape(lead + (n // (2 * h), 2, h))
+        a, b = y[..., 0, :], y[..., 1, :]
+        x = jnp.stack([a + b, a - b], axis=-2).reshape(lead + (n,))
+        h *= 2
+    return x * (1.0 / jnp.sqrt(jnp.float32(n)))
+
+
+def hadamard_block(d: int) -> int:
+    """Block size of the rotation for width ``d``: the largest power of two dividing ``d``."""
+    if d < 1:
+        raise ValueError(f"d must be >= 1, got {d}")
+    return d & -d
+
+
+def random_signs(seed: jax.Array, d: int) -> jax.Array:
+    """``d`` random ``±1.0`` (float32) from a ``uint32[2]`` seed (PRNG key data)."""
+    key = jax.random.wrap_key_data(seed.astype(jnp.uint32))
+    return jax.random.rademacher(key, (d,), dtype=jnp.float32)
+
+
+def randomized_hadamard(x: jax.Array, seed: jax.Array, inverse: bool = False) -> jax.Array:
+    """``H diag(s) x`` on each block of the last axis (``diag(s) H y`` for the inverse).
+
+    Args:
+      x: float array ``[..., d]``.
+      seed: ``uint32[2]``, e.g. ``jax.random.key_data(key)``.
+      inverse: undo the rotation.
+    """
+    d = x.shape[-1]
+    block = hadamard_block(d)
+    signs = random_signs(seed, d)
+    blocks = lambda v: v.reshape(v.shape[:-1] + (d // block, block))
+    if inverse:
+        return fwht(blocks(x)).reshape(x.shape) * signs
+    return fwht(blocks(x * signs)).reshape(x.shape)
+
+
+@pytree_dataclass
+class HadamardParams:
+    """Stored state of a randomized Hadamard rotation: 64 bits of seed."""
+
+    seed: jax.Array  # uint32[2]
+
+
+def hadamard_transform() -> Transform:
+    """A randomized Hadamard rotation of rows as a :class:`~qetjax.core.Transform`.
+
+    Example:
+        >>> q = core.transformed(hadamard_transform(), some_quantizer)
+    """
+
+    def fit(key: PRNGKey, x: jax.Array) -> HadamardParams:
+        return HadamardParams(jax.random.key_data(key).astype(jnp.uint32))
+
+    def forward(p: HadamardParams, x: jax.Array) -> tuple[jax.Array, None]:
+        return randomized_hadamard(x, p.seed), None
+
+    def inverse(p: HadamardParams, y: jax.Array, side: None) -> jax.Array:
+        return randomized_hadamard(y, p.seed, inverse=True)
+
+    return Transform(fit, forward, inverse)
+
+
+def random_orthogonal(key: PRNGKey, n: int) -> jax.Array:
+    """A Haar-random ``n x n`` orthogonal matrix (QR of a Gaussian, signs fixed)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    q, r = jnp.linalg.qr(jax.random.normal(key, (n, n), jnp.float32))
+    return q * jnp.sign(jnp.diag(r))[None, :]
