@@ -67,14 +67,17 @@ def largest_fitting(
     search is binary, so only ``O(log len(values))`` sizes are measured.
 
     Raises:
-      ValueError: even ``make(values[0])`` exceeds the budget.
+      ValueError: ``values`` is empty, or even ``make(values[0])`` exceeds the budget.
     """
+    if len(values) == 0:
+        raise ValueError("values must not be empty")
     limit = budget_bits(shape, bits_per_element)
     lo, hi = 0, len(values) - 1
-    if stored_bits(make(values[0]), shape) > limit:
+    smallest = stored_bits(make(values[0]), shape)
+    if smallest > limit:
         raise ValueError(
             f"bits_per_element={bits_per_element} is too small for shape {tuple(shape)}: "
-            f"the smallest configuration needs {stored_bits(make(values[0]), shape) / (shape[0] * shape[1]):.4f}"
+            f"the smallest configuration needs {smallest / (shape[0] * shape[1]):.4f}"
         )
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -205,9 +205,23 @@ def register_budget(name: str) -> Callable[[Callable[..., Quantizer]], Callable[
     return decorate
 
 
-@functools.lru_cache(maxsize=None)
 def from_spec(spec: Spec) -> Quantizer:
     """Rebuilds the quantizer described by ``spec`` (cached: same spec, same object)."""
+    return _build(spec, _typed(spec))
+
+
+def _typed(v: Any) -> Any:
+    """``v`` with the type of every value, so ``2``, ``2.0`` and ``True`` are cached apart."""
+    if isinstance(v, Spec):
+        return v.name, _typed(v.args)
+    if isinstance(v, tuple):
+        return tuple(_typed(e) for e in v)
+    return type(v).__name__, v
+
+
+@functools.lru_cache(maxsize=None)
+def _build(spec: Spec, typed: Any) -> Quantizer:
+    """Cached construction; ``typed`` (from :func:`_typed`) keys the cache by type."""
     if spec.name not in METHODS:
         raise ValueError(f"unknown method {spec.name!r}; registered: {sorted(METHODS)}")
     constructor = METHODS[spec.name].constructor
@@ -300,11 +314,15 @@ class QuantizedArray:
         return bits(self)["total"] / self.numel
 
 
-def _prepare(q: Quantizer, x: Any) -> tuple[Array, str]:
+def _check_quantizer(q: Any) -> None:
     if not isinstance(q, Quantizer):
         raise TypeError(f"q must be a Quantizer, got {type(q).__name__}")
     if q.spec is None:
         raise TypeError("q must be built by a registered constructor (it has no spec)")
+
+
+def _prepare(q: Quantizer, x: Any) -> tuple[Array, str]:
+    _check_quantizer(q)
     dtype = jnp.dtype(getattr(x, "dtype", "float32")).name
     return check_matrix(x), dtype
 
@@ -366,8 +384,7 @@ def quantize_batch(q: Quantizer, key: PRNGKey, xs: Any) -> QuantizedArray:
 
     Each matrix gets its own fitted params and the key ``fold_in(key, i)``.
     """
-    if not hasattr(xs, "ndim") or xs.ndim != 3:
-        raise ValueError(f"xs must be 3-D [batch, n, d], got shape {getattr(xs, 'shape', None)}")
+    _check_quantizer(q)
     x32 = check_matrix(xs, "xs", ndim=3)
     dtype = jnp.dtype(xs.dtype).name
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(xs.shape[0]))
