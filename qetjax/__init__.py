@@ -29,6 +29,7 @@ from qetjax import pvq, rotations
 from qetjax.opq import opq
 from qetjax.lopq import lopq
 from qetjax.rq import rq
+from qetjax.lsq import lsq
 from qetjax.scalar import lloyd_max, rtn
 from qetjax.io import load, save
 from qetjax.tree import dequantize_tree, quantize_tree

@@ -1,0 +1,98 @@
+"""Tests of qetjax.lsq: local search never worse, least-squares codebooks, bits, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qetjax
+from qetjax.core import stored_bits
+from qetjax.lsq import least_squares_codebooks, local_search, lsq, reconstruct
+
+KEY = jax.random.key(0)
+N, W, M, K = 256, 8, 2, 8
+X = jax.random.normal(jax.random.key(3), (N, W))
+SMALL = dict(train_iters=3, encode_ils_iters=4, train_ils_iters=2, icm_iters=2, nperts=1)
+
+
+def row_errors(cb, codes, x=X):
+    return jnp.sum((x - reconstruct(cb, codes)) ** 2, axis=1)
+
+
+def test_least_squares_with_one_codebook_is_cluster_means():
+    codes = jax.random.randint(KEY, (N, 1), 0, K)
+    cb = least_squares_codebooks(X, codes, K, 1e-6)
+    for c in range(K):
+        np.testing.assert_allclose(cb[0, c], X[codes[:, 0] == c].mean(0), atol=1e-4)
+
+
+def test_local_search_never_worse_per_row():
+    cb = jax.random.normal(jax.random.key(1), (M, K, W))
+    start = jax.random.randint(jax.random.key(2), (N, M), 0, K)
+    codes = local_search(KEY, X, cb, start, ils_iters=3, icm_iters=2, nperts=1)
+    before, after = row_errors(cb, start), row_errors(cb, codes)
+    assert bool(jnp.all(after <= before + 1e-5)) and float(after.mean()) < float(before.mean())
+
+
+def test_icm_finds_the_optimum_with_one_codebook():
+    cb = jax.random.normal(jax.random.key(1), (1, K, W))
+    codes = local_search(KEY, X, cb, jnp.zeros((N, 1), jnp.int32), ils_iters=1, icm_iters=1, nperts=0)
+    best = jnp.argmin(jnp.sum((X[:, None] - cb[0][None]) ** 2, -1), axis=1)
+    np.testing.assert_array_equal(codes[:, 0], best)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return qetjax.quantize(lsq(M, K, codebook_dtype="float32", **SMALL), KEY, X)
+
+
+def test_better_than_one_codebook(fitted):
+    e = float(jnp.mean((qetjax.dequantize(fitted) - X) ** 2))
+    one = qetjax.quantize(qetjax.pq(W, K, codebook_dtype="float32"), KEY, X)
+    assert e < float(jnp.mean((qetjax.dequantize(one) - X) ** 2))
+
+
+def test_bits_equal_formula(fitted):
+    b = qetjax.bits(fitted)
+    assert b["codes"] == -(-N * M * 3 // 32) * 32
+    assert b["total"] == b["codes"] + M * K * W * 32 == stored_bits(fitted.quantizer, (N, W))
+
+
+def test_deterministic_and_jit_matches_eager(fitted):
+    q = fitted.quantizer
+    a = qetjax.dequantize(fitted)
+    np.testing.assert_array_equal(a, qetjax.dequantize(qetjax.quantize(q, KEY, X)))
+    eager = q.decode(fitted.params, q.encode(fitted.params, X))
+    np.testing.assert_allclose(a, eager, atol=1e-4)
+
+
+def test_budget_fits():
+    q = qetjax.for_budget("lsq", (4096, 64), 2.0)
+    assert stored_bits(q, (4096, 64)) <= 2 * 4096 * 64
+    assert q.spec.name == "lsq"
+
+
+@pytest.mark.parametrize(
+    "kwargs, err",
+    [
+        (dict(num_codebooks=0, num_centroids=4), ValueError),
+        (dict(num_codebooks=2, num_centroids=1), ValueError),
+        (dict(num_codebooks=2, num_centroids=4, nperts=3), ValueError),
+        (dict(num_codebooks=2, num_centroids=4, seed=-1), ValueError),
+        (dict(num_codebooks=2, num_centroids=4, icm_iters=0), ValueError),
+        (dict(num_codebooks=2, num_centroids=4, regularization=0.0), ValueError),
+        (dict(num_codebooks=2, num_centroids=4, regularization="a"), TypeError),
+        (dict(num_codebooks=2, num_centroids=4, codebook_dtype="int8"), ValueError),
+        (dict(num_codebooks=2.0, num_centroids=4), TypeError),
+    ],
+)
+def test_bad_arguments(kwargs, err):
+    with pytest.raises(err):
+        lsq(**kwargs)
+
+
+def test_bad_data():
+    with pytest.raises(ValueError, match="num_centroids"):
+        qetjax.quantize(lsq(2, 512, **SMALL), KEY, X)
+    with pytest.raises(ValueError, match="NaN"):
+        qetjax.quantize(lsq(2, 4, **SMALL), KEY, X.at[0, 0].set(jnp.inf))
