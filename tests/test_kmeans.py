@@ -1,0 +1,103 @@
+"""Tests of the batched k-means engine against numpy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qetjax import kmeans
+
+
+def _data(seed, s, n, d):
+    return jax.random.normal(jax.random.key(seed), (s, n, d))
+
+
+def _numpy_lloyd(x, c, iters):
+    """Reference Lloyd on one subspace (float64), with the same empty-cluster rule."""
+    x, c = np.asarray(x, np.float64), np.asarray(c, np.float64).copy()
+    k = c.shape[0]
+    for _ in range(iters):
+        dist = ((x[:, None, :] - c[None]) ** 2).sum(-1)
+        idx = dist.argmin(1)
+        err = dist[np.arange(len(x)), idx]
+        counts = np.bincount(idx, minlength=k)
+        new = np.stack([x[idx == j].mean(0) if counts[j] else c[j] for j in range(k)])
+        far = np.argsort(-err, kind="stable")
+        for r, j in enumerate(np.flatnonzero(counts == 0)):
+            new[j] = x[far[r]]
+        c = new
+    return c
+
+
+def test_matches_numpy_lloyd_from_the_same_init():
+    x = _data(0, 2, 300, 3)
+    key = jax.random.key(1)
+    init = kmeans.fit(key, x, 8, iters=0, init="random")
+    got = kmeans.fit(key, x, 8, iters=6, init="random")
+    for s in range(2):
+        np.testing.assert_allclose(got[s], _numpy_lloyd(x[s], init[s], 6), atol=1e-5)
+
+
+@settings(max_examples=4, deadline=None)
+@given(n=st.integers(9, 120), d=st.sampled_from([1, 3, 5]), k=st.sampled_from([2, 9]), seed=st.integers(0, 99))
+def test_never_worse_than_its_init(n, d, k, seed):
+    res = kmeans.fit_with_stats(jax.random.key(seed), _data(seed, 2, n, d), k, iters=4)
+    assert res.centroids.shape == (2, k, d)
+    assert bool(jnp.all(res.mse <= res.init_mse * (1 + 1e-6) + 1e-7))
+
+
+def test_assign_is_brute_force_argmin_with_ties_to_lowest_index():
+    x = _data(2, 2, 5000, 4)  # more points than one block
+    c = jnp.concatenate([x[:, :35], x[:, :35]], axis=1)  # k = 70: every centroid twice, padded groups
+    codes, dist = kmeans.assign(x, c)
+    ref = ((np.asarray(x, np.float64)[:, :, None] - np.asarray(c, np.float64)[:, None]) ** 2).sum(-1)
+    chosen = np.take_along_axis(ref, np.asarray(codes)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(chosen, ref.min(-1), atol=1e-5)
+    assert int(codes.max()) < 35  # duplicates: the lower copy wins
+    np.testing.assert_allclose(dist, chosen, atol=1e-5)
+
+
+def test_deterministic_for_a_key():
+    x = _data(3, 2, 200, 2)
+    a = kmeans.fit(jax.random.key(7), x, 6)
+    b = kmeans.fit(jax.random.key(7), x, 6)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "random"])
+def test_k_equal_n_is_exact(init):
+    res = kmeans.fit_with_stats(jax.random.key(0), _data(4, 1, 12, 3), 12, iters=3, init=init)
+    assert float(res.mse[0]) == 0.0
+
+
+def test_duplicate_points():
+    base = jnp.array([[0.0, 0.0], [1.0, 2.0], [-3.0, 1.0], [5.0, 5.0]])
+    x = jnp.tile(base, (25, 1))[None]  # 100 points, 4 distinct
+    for k in (4, 6):  # k above the number of distinct points: still finite, exact
+        res = kmeans.fit_with_stats(jax.random.key(1), x, k, iters=5)
+        assert bool(jnp.all(jnp.isfinite(res.centroids)))
+        assert float(res.mse[0]) == 0.0
+
+
+def test_empty_cluster_is_reseeded_at_the_worst_fitted_point():
+    xt = jnp.array([[0.0, 0.1, 0.2, 10.0, 10.5]])  # [d=1, n=5]
+    c = jnp.array([[0.1], [10.0], [1000.0]])  # the last centroid gets no point
+    new, _ = kmeans._update(xt, c)
+    # Farthest from its centroid: 10.5 (0.5 from 10.0)... or 0.0/0.2 (0.1 from 0.1): 10.5 wins.
+    np.testing.assert_allclose(new[:, 0], [0.1, 10.25, 10.5], atol=1e-6)
+
+
+def test_bad_inputs():
+    x = _data(0, 1, 10, 2)
+    with pytest.raises(ValueError, match="k=11"):
+        kmeans.fit(jax.random.key(0), x, 11)
+    with pytest.raises(ValueError, match="3-D"):
+        kmeans.fit(jax.random.key(0), x[0], 2)
+    with pytest.raises(ValueError, match="init"):
+        kmeans.fit(jax.random.key(0), x, 2, init="bogus")
+    with pytest.raises(TypeError, match="k"):
+        kmeans.fit(jax.random.key(0), x, 2.5)
+    with pytest.raises(ValueError, match="iters"):
+        kmeans.fit(jax.random.key(0), x, 2, iters=-1)
