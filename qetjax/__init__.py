@@ -34,3 +34,4 @@ from qetjax.scalar import lloyd_max, rtn
 from qetjax.io import load, save
 from qetjax.tree import dequantize_tree, quantize_tree
 from qetjax import data, swap_tree
+from qetjax.qet import qet, qet_paper, qet_residual
