@@ -98,6 +98,7 @@ def test_budget_fits():
         (dict(subvector_dim=4, num_centroids=0), ValueError),
         (dict(subvector_dim=4, num_centroids=4, iters=-1), ValueError),
         (dict(subvector_dim=4, num_centroids=4, rotation_dtype="int8"), ValueError),
+        (dict(subvector_dim=4, num_centroids=4, init_rotation="pca"), ValueError),
         (dict(subvector_dim=4.0, num_centroids=4), TypeError),
     ],
 )
