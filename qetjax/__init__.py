@@ -25,7 +25,7 @@ from qetjax.core import (
     stored_bits,
 )
 from qetjax.pq import pq
-from qetjax import pvq, rotations
+from qetjax import gptq, pvq, rotations
 from qetjax.opq import opq
 from qetjax.lopq import lopq
 from qetjax.rq import rq

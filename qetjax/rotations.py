@@ -3,7 +3,9 @@
 - :func:`fwht`: the orthonormal fast Walsh–Hadamard transform, ``O(n log n)``,
   any power-of-two length; symmetric and its own inverse.
 - :func:`randomized_hadamard`: random signs then the Hadamard transform, in
-  blocks (see :func:`hadamard_block`), regenerated from a stored 64-bit seed.
+  blocks (see :func:`hadamard_block`), regenerated from a stored 64-bit seed;
+  every block gets the same signs, so the rotation of a block does not depend on
+  its position (rotating column slices is consistent with rotating the matrix).
 - :func:`hadamard_transform`: the same as a :class:`qetjax.core.Transform`, to put
   in front of any quantizer (``core.transformed``); it stores only its seed.
 - :func:`random_orthogonal`: a Haar-random orthogonal matrix.
@@ -61,17 +63,20 @@ def random_signs(seed: jax.Array, d: int) -> jax.Array:
     return jax.random.rademacher(key, (d,), dtype=jnp.float32)
 
 
-def randomized_hadamard(x: jax.Array, seed: jax.Array, inverse: bool = False) -> jax.Array:
+def randomized_hadamard(x: jax.Array, seed: jax.Array, inverse: bool = False, block: int | None = None) -> jax.Array:
     """``H diag(s) x`` on each block of the last axis (``diag(s) H y`` for the inverse).
 
     Args:
       x: float array ``[..., d]``.
       seed: ``uint32[2]``, e.g. ``jax.random.key_data(key)``.
       inverse: undo the rotation.
+      block: a power of two dividing ``d``; default :func:`hadamard_block` ``(d)``.
     """
     d = x.shape[-1]
-    block = hadamard_block(d)
-    signs = random_signs(seed, d)
+    block = hadamard_block(d) if block is None else block
+    if block < 1 or block & (block - 1) or d % block:
+        raise ValueError(f"block must be a power of two dividing {d}, got {block}")
+    signs = jnp.tile(random_signs(seed, block), d // block)
     blocks = lambda v: v.reshape(v.shape[:-1] + (d // block, block))
     if inverse:
         return fwht(blocks(x)).reshape(x.shape) * signs
@@ -85,8 +90,11 @@ class HadamardParams:
     seed: jax.Array  # uint32[2]
 
 
-def hadamard_transform() -> Transform:
+def hadamard_transform(block: int | None = None) -> Transform:
     """A randomized Hadamard rotation of rows as a :class:`~qetjax.core.Transform`.
+
+    Args:
+      block: rotation block size (see :func:`randomized_hadamard`).
 
     Example:
         >>> q = core.transformed(hadamard_transform(), some_quantizer)
@@ -96,10 +104,10 @@ def hadamard_transform() -> Transform:
         return HadamardParams(jax.random.key_data(key).astype(jnp.uint32))
 
     def forward(p: HadamardParams, x: jax.Array) -> tuple[jax.Array, None]:
-        return randomized_hadamard(x, p.seed), None
+        return randomized_hadamard(x, p.seed, block=block), None
 
     def inverse(p: HadamardParams, y: jax.Array, side: None) -> jax.Array:
-        return randomized_hadamard(y, p.seed, inverse=True)
+        return randomized_hadamard(y, p.seed, inverse=True, block=block)
 
     return Transform(fit, forward, inverse)
 

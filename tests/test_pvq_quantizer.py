@@ -97,10 +97,34 @@ def test_deterministic_and_jit_consistent(gaussian):
 
 
 def test_fit_once_encode_many(gaussian):
-    q = qetjax.pvq(32, 30, 4, rotate=False)
+    q = qetjax.pvq(32, 30, 4, rotate=False, gain_scale="tensor")
     params = qetjax.fit(q, jax.random.key(0), gaussian)
-    qa = qetjax.encode_with(q, params, gaussian[:8] * 0.5)
-    assert qetjax.metrics.sqnr_db(gaussian[:8] * 0.5, qetjax.dequantize(qa)) > 10
+    qa = qetjax.encode_with(q, params, gaussian[:8])
+    assert qetjax.metrics.sqnr_db(gaussian[:8], qetjax.dequantize(qa)) > 10
+    row_q = qetjax.pvq(32, 30, 4, rotate=False)
+    with pytest.raises(ValueError, match="rows"):
+        qetjax.encode_with(row_q, qetjax.fit(row_q, jax.random.key(0), gaussian), gaussian[:8])
+
+
+@pytest.mark.parametrize("bpe", [2.0, 2.37, 3.0, 4.0])
+def test_budget_fits_and_is_tight(bpe):
+    from qetjax.pvq.quantizer import stored_size
+
+    shape = (64, 256)
+    q = qetjax.for_budget("pvq", shape, bpe, group_size=32)
+    a = dict(q.spec.args)
+    used = qetjax.stored_bits(q, shape)
+    assert used <= bpe * shape[0] * shape[1]
+    assert used == stored_size(shape, 32, a["pulses"], a["gain_bits"], True, "row")
+    # one more pulse would not fit
+    assert stored_size(shape, 32, a["pulses"] + 1, a["gain_bits"], True, "row") > bpe * shape[0] * shape[1]
+
+
+def test_budget_bad_input():
+    with pytest.raises(ValueError, match="too small"):
+        qetjax.for_budget("pvq", (64, 256), 0.05, group_size=32)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        qetjax.for_budget("pvq", (64, 250), 3.0, group_size=32)
 
 
 def test_gain_level_methods_and_lloyd_is_best_on_data():

@@ -9,9 +9,15 @@ is projected onto ``S(D, K)`` (``K = pulses``) giving ``y``; its shape is
   group, bit-packed (:mod:`qetjax.pvq.bitstream`);
 - ``gains``: a ``gain_bits``-bit level index per group, bit-packed;
 - ``scales``: float16 gain scale (maximum gain) per row (``gain_scale="row"``)
-  or one per tensor (``"tensor"``);
+  or one per tensor (``"tensor"``), fitted (params);
 - ``codebook``: the ``2^gain_bits`` float16 gain levels on ``[0, 1]`` (params);
-- ``seed``: 64 bits for the randomized Hadamard rotation when ``rotate=True``.
+- ``seed``: 64 bits for the randomized Hadamard rotation when ``rotate=True``;
+  the rotation acts inside each group (blocks of the largest power of two
+  dividing ``D``, same signs in every block).
+
+Given the fitted params, every group is encoded independently of the others
+(the property :mod:`qetjax.gptq` needs). Encoding rows other than the fitted
+ones needs ``gain_scale="tensor"``; gains above the scale map to the top level.
 
 Decoding is ``x̂_g = scale * codebook[gain] * y / ||y||``.
 
@@ -25,13 +31,25 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from qetjax import packing
-from qetjax.core import Quantizer, check_int, pytree_dataclass, register_method, static_field, transformed
+from qetjax.budget import budget_bits
+from qetjax.core import (
+    Quantizer,
+    check_int,
+    pytree_dataclass,
+    register_budget,
+    register_method,
+    static_field,
+    stored_bits,
+    transformed,
+)
 from qetjax.pvq import bitstream, enumeration, gains as gain_lib, projection
-from qetjax.rotations import hadamard_transform
+from qetjax.rotations import hadamard_block, hadamard_transform
 
 GAIN_SCALES = ("row", "tensor")
 MAX_PULSES = 16384
@@ -39,18 +57,18 @@ MAX_PULSES = 16384
 
 @pytree_dataclass
 class PVQParams:
-    """Shared state: the float16 gain levels in ``[0, 1]``, sorted."""
+    """Shared state: float16 gain levels in ``[0, 1]`` (sorted) and gain scales."""
 
     codebook: jax.Array
+    scales: jax.Array
 
 
 @pytree_dataclass
 class PVQCodes:
-    """Per-matrix codes: packed shape indices, packed gain indices, float16 gain scales."""
+    """Per-matrix codes: packed shape indices and packed gain indices."""
 
     codes: jax.Array
     gains: jax.Array
-    scales: jax.Array
     rows: int = static_field()
     groups_per_row: int = static_field()
 
@@ -89,19 +107,22 @@ def _pvq(group_size: int, pulses: int, gain_bits: int, projection_method: str, g
 
     def fit(key: jax.Array, x: jax.Array) -> PVQParams:
         _, g = _shapes_and_gains(x, group_size, pulses, projection_method)
-        t = _normalized(g, _scales(g, gain_scale))
-        levels = gain_lib.fit_levels(t.reshape(-1), gain_bits, gains)
-        return PVQParams(jnp.sort(levels.astype(jnp.float16)))
+        scales = _scales(g, gain_scale)
+        levels = gain_lib.fit_levels(_normalized(g, scales).reshape(-1), gain_bits, gains)
+        return PVQParams(jnp.sort(levels.astype(jnp.float16)), scales)
 
     def encode(params: PVQParams, x: jax.Array) -> PVQCodes:
+        if gain_scale == "row" and x.shape[0] != params.scales.shape[0]:
+            raise ValueError(
+                f"x has {x.shape[0]} rows but the params were fitted on {params.scales.shape[0]}; "
+                'use gain_scale="tensor" to encode other rows'
+            )
         y, g = _shapes_and_gains(x, group_size, pulses, projection_method)
-        scales = _scales(g, gain_scale)
-        gain_codes = gain_lib.assign(_normalized(g, scales), params.codebook.astype(jnp.float32))
+        gain_codes = gain_lib.assign(_normalized(g, params.scales), params.codebook.astype(jnp.float32))
         index = enumeration.encode_limbs(y.reshape(-1, group_size), tables())
         return PVQCodes(
             bitstream.pack_limbs(index, width),
             packing.pack(gain_codes.reshape(-1), gain_bits),
-            scales,
             y.shape[0],
             y.shape[1],
         )
@@ -114,7 +135,7 @@ def _pvq(group_size: int, pulses: int, gain_bits: int, projection_method: str, g
         y = enumeration.decode_limbs(index, t).astype(jnp.float32)
         u = y / jnp.sqrt((y * y).sum(-1, keepdims=True))
         level = params.codebook.astype(jnp.float32)[packing.unpack(codes.gains, gain_bits, count)]
-        gain = level.reshape(codes.rows, codes.groups_per_row) * codes.scales.astype(jnp.float32)[:, None]
+        gain = level.reshape(codes.rows, codes.groups_per_row) * params.scales.astype(jnp.float32)[:, None]
         return (gain[..., None] * u.reshape(codes.rows, codes.groups_per_row, group_size)).reshape(codes.rows, -1)
 
     return Quantizer(fit, encode, decode)
@@ -136,7 +157,8 @@ def pvq(
       group_size: ``D >= 1``, consecutive weights per group; must divide the width.
       pulses: ``K >= 1``, pulses per group (more pulses, finer shapes, more bits).
       gain_bits: bits per group gain, 1..16.
-      rotate: put a randomized Hadamard rotation of the rows in front (64 stored bits).
+      rotate: put a randomized Hadamard rotation inside each group in front
+        (64 stored bits).
       projection_method: ``"best"`` (greedy and round-and-fix, keep the better),
         ``"greedy"`` or ``"fischer"``.
       gains: gain levels, ``"lloyd"`` (fitted to the data), ``"lloyd-beta"`` or
@@ -162,4 +184,89 @@ def pvq(
     if gain_scale not in GAIN_SCALES:
         raise ValueError(f"gain_scale must be one of {GAIN_SCALES}, got {gain_scale!r}")
     inner = _pvq(group_size, pulses, gain_bits, projection_method, gains, gain_scale)
-    return transformed(hadamard_transform(), inner) if rotate else inner
+    return transformed(hadamard_transform(hadamard_block(group_size)), inner) if rotate else inner
+
+
+# --------------------------------------------------------------------------- budget
+
+_GAUSSIAN_LLOYD_MSE = (0.3634, 0.1175, 0.03454, 0.009497)  # unit-variance Lloyd-Max, 1..4 bits
+
+
+def stored_size(shape: tuple[int, int], group_size: int, pulses: int, gain_bits: int, rotate: bool,
+                gain_scale: str) -> int:
+    """Stored bits of ``pvq(...)`` on a matrix of ``shape`` (the hand formula; tested equal to ``qetjax.bits``)."""
+    n, d = shape
+    groups = n * d // group_size
+    words = lambda width: -(-groups * width // 32) * 32
+    scales = 16 * (n if gain_scale == "row" else 1)
+    return words(enumeration.index_bits(group_size, pulses)) + words(gain_bits) + scales + (16 << gain_bits) + 64 * rotate
+
+
+def model_distortion(group_size: int, pulses: int, gain_bits: int) -> float:
+    """Predicted squared error per group (unit-variance Gaussian weights), to split bits.
+
+    Shape: a sphere-covering estimate, ``(D-1)/(D+1) (A / (V c))^{2/(D-1)}`` of
+    the norm squared with ``V = V(D, K)`` caps (``A`` the sphere's area, ``c``
+    the unit ``(D-1)``-ball's volume). Gain: Gaussian Lloyd-Max error with
+    variance ``1/2`` (the spread of a chi variable), 4x smaller per extra bit.
+    """
+    dim = group_size
+    if dim == 1:
+        shape = 0.0
+    else:
+        log_area = math.log(2) + (dim / 2) * math.log(math.pi) - math.lgamma(dim / 2)
+        log_ball = ((dim - 1) / 2) * math.log(math.pi) - math.lgamma((dim - 1) / 2 + 1)
+        log_points = enumeration.index_bits(dim, pulses) * math.log(2)
+        shape = dim * (dim - 1) / (dim + 1) * math.exp(2 * (log_area - log_ball - log_points) / (dim - 1))
+    table = _GAUSSIAN_LLOYD_MSE
+    gain = table[min(gain_bits, 4) - 1] * 4.0 ** -max(0, gain_bits - 4)
+    return min(shape, float(dim)) + 0.5 * gain
+
+
+@register_budget("pvq")
+def pvq_for_budget(
+    shape: tuple[int, int],
+    bits_per_element: float,
+    group_size: int = 32,
+    gain_bits: int | None = None,
+    rotate: bool = True,
+    projection_method: str = "best",
+    gains: str = "lloyd",
+    gain_scale: str = "row",
+) -> Quantizer:
+    """The PVQ configuration with the most pulses that fits the budget.
+
+    For each gain width (``gain_bits``, or 1..8 when ``None``) the largest ``K``
+    that fits is found by binary search on the exact size (index bits, gain bits,
+    scales, gain levels, seed); among those, the pair with the smallest
+    :func:`model_distortion` is returned. Any real budget works: the size is
+    counted exactly, so fractional bits per weight are met by the choice of ``K``.
+
+    Example:
+        >>> q = qetjax.for_budget("pvq", (384, 1536), 3.0, group_size=128)
+    """
+    group_size = check_int("group_size", group_size, 1)
+    _check_width(shape[1], group_size)
+    limit = budget_bits(shape, bits_per_element)
+    widths = [check_int("gain_bits", gain_bits, 1, 16)] if gain_bits is not None else range(1, 9)
+    size = lambda k, b: stored_size(shape, group_size, k, b, rotate, gain_scale)
+    best = None
+    for b in widths:
+        if size(1, b) > limit:
+            continue
+        lo, hi = 1, MAX_PULSES
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if size(mid, b) <= limit else (lo, mid - 1)
+        score = model_distortion(group_size, lo, b)
+        if best is None or score < best[0]:
+            best = (score, lo, b)
+    if best is None:
+        smallest = size(1, widths[0]) / (shape[0] * shape[1])
+        raise ValueError(
+            f"bits_per_element={bits_per_element} is too small for pvq on shape {tuple(shape)} with "
+            f"group_size={group_size}: even pulses=1 needs {smallest:.4f}"
+        )
+    q = pvq(group_size, best[1], best[2], rotate, projection_method, gains, gain_scale)
+    assert stored_bits(q, shape) == size(best[1], best[2]) <= limit
+    return q
