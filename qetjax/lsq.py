@@ -62,7 +62,8 @@ class LSQParams:
 
 def reconstruct(cb: jax.Array, codes: jax.Array) -> jax.Array:
     """``sum_m cb[m, codes[:, m]]``: codebooks ``[M, K, w]``, codes ``int32[n, M]`` -> ``[n, w]``."""
-    return jax.vmap(lambda c, b: c[b], in_axes=(0, 1))(cb, codes).sum(0)
+    num, k, w = cb.shape
+    return cb.reshape(num * k, w)[codes + k * jnp.arange(num, dtype=jnp.int32)[None, :]].sum(1)
 
 
 def _icm_sweep(unary: jax.Array, pair: jax.Array, codes: jax.Array) -> jax.Array:

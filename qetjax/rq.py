@@ -35,7 +35,7 @@ from qetjax import kmeans
 from qetjax.budget import largest_fitting
 from qetjax.core import Quantizer, check_int, pytree_dataclass, register_budget, register_method, static_field
 from qetjax.packing import code_width, pack, unpack
-from qetjax.pq import merge, split
+from qetjax.pq import split
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 # Entries of the [rows, beam, max(k, d)] blocks of one chunk of rows.
@@ -119,9 +119,13 @@ def beam_encode(parts: jax.Array, codebooks: jax.Array, beam_size: int) -> jax.A
 
 
 def _reconstruct(codebooks: jax.Array, codes: jax.Array) -> jax.Array:
-    """Sum over stages: ``codebooks[M, S, k, d]``, ``codes[S, n, M]`` -> ``[S, n, d]``."""
-    per_stage = jax.vmap(lambda cb, c: jnp.take_along_axis(cb, c[..., None], axis=1), in_axes=(0, 2))
-    return per_stage(codebooks, codes).sum(0)
+    """Sum over stages: ``codebooks[M, S, k, d]``, ``codes int32[n, S, M]`` -> ``[n, S * d]``.
+
+    One row gather from the flattened codebooks (``(m * S + s) * k + code``).
+    """
+    stages, s, k, d = codebooks.shape
+    offsets = (jnp.arange(stages, dtype=jnp.int32)[None, :] * s + jnp.arange(s, dtype=jnp.int32)[:, None]) * k
+    return codebooks.reshape(-1, d)[codes + offsets[None]].sum(2).reshape(codes.shape[0], s * d)
 
 
 @register_method("rq")
@@ -184,7 +188,7 @@ def rq(
         return RQCodes(pack(codes.reshape(-1), width), tuple(codes.shape), width)
 
     def decode(params: RQParams, codes: RQCodes) -> jax.Array:
-        return merge(_reconstruct(params.values(), codes.unpacked().transpose(1, 0, 2)))
+        return _reconstruct(params.values(), codes.unpacked())
 
     return Quantizer(fit, encode, decode)
 
