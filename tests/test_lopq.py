@@ -70,9 +70,7 @@ def test_deterministic_and_jit_matches_eager():
     np.testing.assert_array_equal(a, qetjax.dequantize(qetjax.quantize(q, KEY, x)))
     eager = q.decode(qa.params, q.encode(qa.params, x))  # op-by-op, same params
     np.testing.assert_allclose(a, eager, atol=1e-4)
-    params = q.fit(KEY, x)  # eager fit: same objective up to float reassociation
-    e_eager = float(jnp.mean((q.decode(params, q.encode(params, x)) - x) ** 2))
-    np.testing.assert_allclose(e_eager, float(jnp.mean((a - x) ** 2)), rtol=1e-2)
+    # (an eager fit is op-by-op and slow; tests/test_rq.py checks fit eager == jit)
 
 
 def test_budget_fits():
