@@ -520,11 +520,12 @@ plt.show()
 
 Weight matrices often have outlier channels. A randomized Hadamard rotation of each row
 (random signs, then the fast Walsh–Hadamard transform; 64 stored bits of seed) spreads every
-outlier over the whole row: the histogram becomes close to Gaussian. For PVQ this matters
-through the gains: without the rotation, a row's gain scale is set by its outlier groups and
-the gains of all other groups fall onto the lowest few levels. The SQNR over the whole matrix
-is dominated by the outliers' energy, so it is printed both over all columns and over the
-non-outlier columns; the verdicts are computed from these numbers.
+outlier over the whole row: the histogram becomes close to Gaussian. Whether that helps PVQ
+is measured, not assumed: the rotation evens out the groups' energies (one gain scale per row
+fits them all), but it also spreads the outliers' quantization error over every column after
+the inverse rotation, while without it PVQ puts most pulses of an outlier group on the outlier
+itself. The SQNR over the whole matrix is dominated by the outliers' energy, so it is printed
+both over all columns and over the non-outlier columns; the verdicts are computed from them.
 '''),
     code('''
 from qetjax import rotations
