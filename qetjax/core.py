@@ -323,14 +323,17 @@ def _check_quantizer(q: Any) -> None:
 
 def _prepare(q: Quantizer, x: Any) -> tuple[Array, str]:
     _check_quantizer(q)
-    dtype = jnp.dtype(getattr(x, "dtype", "float32")).name
+    # Canonical dtype: float64 input with JAX's default 32-bit mode decodes to float32.
+    dtype = jnp.dtype(jax.dtypes.canonicalize_dtype(getattr(x, "dtype", "float32"))).name
     return check_matrix(x), dtype
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _fit_encode(q: Quantizer, key: PRNGKey, x: Array) -> tuple[Any, Any]:
+def _fit_then_encode(q: Quantizer, key: PRNGKey, x: Array) -> tuple[Any, Any]:
     params = q.fit(key, x)
     return params, q.encode(params, x)
+
+
+_fit_encode = jax.jit(_fit_then_encode, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -386,7 +389,7 @@ def quantize_batch(q: Quantizer, key: PRNGKey, xs: Any) -> QuantizedArray:
     """
     _check_quantizer(q)
     x32 = check_matrix(xs, "xs", ndim=3)
-    dtype = jnp.dtype(xs.dtype).name
+    dtype = jnp.dtype(jax.dtypes.canonicalize_dtype(xs.dtype)).name
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(xs.shape[0]))
     params, codes = jax.vmap(lambda k, x: _fit_encode(q, k, x))(keys, x32)
     return QuantizedArray(params, codes, q.spec, tuple(x32.shape[1:]), dtype, (xs.shape[0],))
@@ -428,15 +431,17 @@ def stored_bits(q: Quantizer, shape: tuple[int, int]) -> int:
     """Total stored bits of ``q`` on a float32 matrix of ``shape``, without running it.
 
     Uses ``jax.eval_shape``, so it is exact (the same arrays :func:`bits`
-    counts) and cheap (nothing is computed).
+    counts) and cheap (nothing is computed); results are cached per
+    ``(q, shape)``.
     """
-    def fit_encode(key: PRNGKey, x: Array) -> tuple[Any, Any]:
-        params = q.fit(key, x)
-        return params, q.encode(params, x)
+    return _stored_bits(q, tuple(int(s) for s in shape))
 
-    params, codes = jax.eval_shape(fit_encode, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))
-    fake = QuantizedArray(params, codes, q.spec, tuple(shape), "float32")
-    return bits(fake)["total"]
+
+@functools.lru_cache(maxsize=4096)
+def _stored_bits(q: Quantizer, shape: tuple[int, ...]) -> int:
+    """Cached :func:`stored_bits` (budget solvers measure the same candidates often)."""
+    out = jax.eval_shape(functools.partial(_fit_then_encode, q), jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))
+    return bits(QuantizedArray(*out, q.spec, shape, "float32"))["total"]
 
 
 # --------------------------------------------------------------------------- combinators
