@@ -18,7 +18,8 @@ of them (product quantization fits one codebook per column group).
   farthest from their centroids (largest current error), so no centroid is
   wasted and the objective does not rise.
 * Training points are subsampled to ``max_points_per_centroid * k`` per
-  subspace, like faiss.
+  subspace, like faiss (stratified: one random point per equal run of points,
+  which costs ``O(k)`` rather than a sort of all points).
 
 Deterministic for a fixed key.
 
@@ -187,17 +188,33 @@ def _kmeanspp(key: jax.Array, xt: jax.Array, k: int) -> jax.Array:
     return lax.fori_loop(1, k, body, (c, d2))[0]
 
 
-def _random_init(key: jax.Array, xt: jax.Array, k: int) -> jax.Array:
-    """``k`` distinct points of ``xt[d, n]``, uniformly (a partial Fisher-Yates shuffle)."""
-    n = xt.shape[1]
-    draws = jax.random.randint(key, (k,), jnp.arange(k), n)
+def _distinct(key: jax.Array, n: int, m: int) -> jax.Array:
+    """``m`` distinct indices of ``range(n)``, uniformly: a partial Fisher-Yates shuffle
+    (``m`` swaps; XLA copies ``perm`` per swap, so for ``m`` centroids, not for subsampling)."""
+    draws = jax.random.randint(key, (m,), jnp.arange(m), n)
 
     def swap(i: jax.Array, perm: jax.Array) -> jax.Array:
         j = draws[i]
         return perm.at[i].set(perm[j]).at[j].set(perm[i])
 
-    perm = lax.fori_loop(0, k, swap, jnp.arange(n, dtype=jnp.int32))
-    return xt[:, perm[:k]].T
+    return lax.fori_loop(0, m, swap, jnp.arange(n, dtype=jnp.int32))[:m]
+
+
+def _stratified(key: jax.Array, n: int, m: int) -> jax.Array:
+    """``m`` distinct indices of ``range(n)``: one uniformly random index in each of
+    ``m`` consecutive, (nearly) equal strata. Every index has (nearly) the same
+    chance ``m / n``; ``O(m)`` work, where a uniform random subset needs a sort of ``n``."""
+    i = jnp.arange(m, dtype=jnp.int32)
+    q, r = n // m, n % m
+    start = i * q + jnp.minimum(i, r)
+    size = q + (i < r).astype(jnp.int32)
+    offset = (jax.random.uniform(key, (m,)) * size).astype(jnp.int32)
+    return start + jnp.minimum(offset, size - 1)
+
+
+def _random_init(key: jax.Array, xt: jax.Array, k: int) -> jax.Array:
+    """``k`` distinct points of ``xt[d, n]``, uniformly."""
+    return xt[:, _distinct(key, xt.shape[1], k)].T
 
 
 def _fit_one(key: jax.Array, xt: jax.Array, k: int, iters: int, init: str, max_points: int) -> KMeansResult:
@@ -205,7 +222,7 @@ def _fit_one(key: jax.Array, xt: jax.Array, k: int, iters: int, init: str, max_p
     n = xt.shape[1]
     k_sub, k_init = jax.random.split(key)
     if n > max_points:
-        xt = xt[:, jax.random.choice(k_sub, n, (max_points,), replace=False)]
+        xt = xt[:, _stratified(k_sub, n, max_points)]
     c = (_kmeanspp if init == "kmeans++" else _random_init)(k_init, xt, k)
 
     # iters + 1 assignment passes (the last measures the returned centroids) in
@@ -236,7 +253,7 @@ def fit(
       iters: Lloyd iterations (faiss's default is 25).
       init: ``"kmeans++"`` or ``"random"``.
       max_points_per_centroid: train on at most ``k * max_points_per_centroid``
-        points per subspace (a random subsample), like faiss.
+        points per subspace (a stratified random subsample), like faiss.
 
     Returns:
       ``[S, k, d]`` centroids.
