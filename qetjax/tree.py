@@ -16,6 +16,16 @@ kernel) raises a ``ValueError`` naming the path and shape; the quantizer's own i
 (integer leaves, NaN) are re-raised with the path prepended. A rule that matches no leaf, or
 a policy that quantizes nothing, is reported with ``warnings.warn``.
 
+Layout: Flax stores a linear kernel as ``[in, out]``, so a quantizer given the leaf as it is
+groups along *output* features. GPTQ, AWQ and the PVQ paper group along the *input* dimension,
+i.e. they quantize ``[out, in]`` (each row one output channel). ``quantize_tree(...,
+layout="out_in")`` does that: every 2-D leaf is shown to the policy transposed and quantized
+with :func:`transposed` ``(q)``, a registered quantizer that stores ``q``'s representation of
+``x.T`` and decodes back to ``x``'s orientation (no extra stored bits). The quantized leaf
+remembers the layout in its spec, so :func:`dequantize_tree`, :func:`qetjax.save` and
+:func:`qetjax.load` need nothing else. ``transposed`` can also be used directly in a policy
+to transpose only some leaves.
+
 Each leaf gets its own key ``fold_in(key, crc32(path))``, so results depend on the leaf's
 path, not on the order of the tree. Leaves are quantized one at a time (each waited for
 before the next starts), so the only extra memory is one leaf's working set plus the
@@ -41,10 +51,65 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qetjax.core import QuantizedArray, Quantizer, bits, dequantize, quantize
+from qetjax.core import (
+    QuantizedArray,
+    Quantizer,
+    Transform,
+    TransformedCodes,
+    TransformedParams,
+    bits,
+    dequantize,
+    quantize,
+    register_method,
+    transformed,
+)
 
 PolicyFn = Callable[[str, Any], "Quantizer | None"]
 Policy = PolicyFn | Sequence[tuple[str, "Quantizer | None"]] | Quantizer
+LAYOUTS = ("in_out", "out_in")
+
+
+def _transpose(_: Any, x: jax.Array) -> tuple[jax.Array, None]:
+    return x.T, None
+
+
+_TRANSPOSE = Transform(fit=lambda key, x: None, forward=_transpose, inverse=lambda _, y, side: y.T)
+
+
+@register_method("transposed")
+def transposed(q: Quantizer) -> Quantizer:
+    """``q`` applied to the transpose: stores ``q``'s representation of ``x.T``, decodes to ``x``.
+
+    For a Flax kernel ``[in, out]`` this quantizes ``[out, in]``: rows (scale groups, PQ/PVQ
+    subvectors) run along the input dimension, one row per output channel. Nothing extra is
+    stored; a budget solver for ``q`` must be given the transposed shape.
+
+    Example:
+        >>> w = jnp.ones((384, 1536))  # Flax kernel [in, out]
+        >>> qa = qetjax.quantize(transposed(qetjax.for_budget("rtn", w.T.shape, 4.25)), key, w)
+        >>> qetjax.dequantize(qa).shape
+        (384, 1536)
+    """
+    if not isinstance(q, Quantizer):
+        raise TypeError(f"q must be a Quantizer, got {type(q).__name__}")
+    return transformed(_TRANSPOSE, q)
+
+
+def as_transposed(qa: QuantizedArray) -> QuantizedArray:
+    """The array of ``transposed(q)`` for ``x`` from ``qa``, ``q``'s array of ``x.T`` (same stored bits).
+
+    For quantizers run outside :func:`qetjax.quantize` on the ``[out, in]`` orientation, e.g.
+    :func:`qetjax.gptq.quantize`, so that the result drops into a Flax tree as an ``[in, out]`` leaf.
+
+    Example:
+        >>> qa = as_transposed(qetjax.gptq.quantize(q, key, kernel.T, inputs, group_size=128))
+        >>> qetjax.dequantize(qa).shape == kernel.shape
+        True
+    """
+    if not isinstance(qa, QuantizedArray) or qa.batch_shape or len(qa.shape) != 2:
+        raise TypeError(f"qa must be an unbatched 2-D QuantizedArray, got {type(qa).__name__}")
+    spec = transposed(qa.quantizer).spec
+    return QuantizedArray(TransformedParams(None, qa.params), TransformedCodes(None, qa.codes), spec, qa.shape[::-1], qa.dtype)
 
 
 def _key_name(k: Any) -> str:
@@ -128,7 +193,7 @@ def _quantize_leaf(q: Any, key: jax.Array, path: str, leaf: Any) -> QuantizedArr
         raise type(err)(f"{path}: {err}") from err
 
 
-def quantize_tree(key: jax.Array, params: Any, policy: Policy, *, progress: bool = True) -> Any:
+def quantize_tree(key: jax.Array, params: Any, policy: Policy, *, layout: str = "in_out", progress: bool = True) -> Any:
     """Quantizes the leaves of ``params`` chosen by ``policy``; other leaves are kept as they are.
 
     Args:
@@ -136,6 +201,10 @@ def quantize_tree(key: jax.Array, params: Any, policy: Policy, *, progress: bool
       params: any pytree of arrays (e.g. Flax params).
       policy: a function ``(path, leaf) -> Quantizer | None``, a list of ``(regex, quantizer)``
         rules (first match wins) or one ``Quantizer`` (see the module docstring).
+      layout: ``"in_out"`` quantizes 2-D leaves as stored; ``"out_in"`` shows the policy each
+        2-D leaf transposed and quantizes it with :func:`transposed` (rows = output channels of
+        a Flax kernel ``[in, out]``). Either way, :func:`dequantize_tree` returns the original
+        orientation.
       progress: show a tqdm progress bar over the leaves.
 
     Returns:
@@ -150,6 +219,9 @@ def quantize_tree(key: jax.Array, params: Any, policy: Policy, *, progress: bool
     Example:
         >>> qtree = quantize_tree(jax.random.key(0), params, lambda p, x: qetjax.rtn(4) if x.ndim == 2 else None)
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    flip = layout == "out_in"
     fn = as_policy(policy)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     from tqdm.auto import tqdm
@@ -157,10 +229,13 @@ def quantize_tree(key: jax.Array, params: Any, policy: Policy, *, progress: bool
     out, quantized = [], 0
     for path, leaf in tqdm(leaves, desc="quantize_tree", unit="leaf", disable=not progress):
         p = path_str(path)
-        q = fn(p, leaf)
+        flipped = flip and getattr(leaf, "ndim", None) == 2
+        q = fn(p, leaf.T if flipped else leaf)
         if q is None:
             out.append(leaf)
         else:
+            if flipped and isinstance(q, Quantizer):
+                q = transposed(q)
             out.append(_quantize_leaf(q, key, p, leaf))
             quantized += 1
     if isinstance(fn, _Rules):

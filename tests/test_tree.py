@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import qetjax
-from qetjax.tree import leaf_key, path_str, tree_bits
+from qetjax.tree import as_transposed, leaf_key, path_str, transposed, tree_bits
 
 
 def _params():
@@ -110,3 +110,70 @@ def test_bad_input():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         qetjax.quantize_tree(jax.random.key(1), params, RULES, progress=False)
+
+
+# --------------------------------------------------------------------------- layout / transposed
+
+
+def test_transposed_is_q_on_the_transpose():
+    w = jax.random.normal(jax.random.key(0), (64, 32))
+    q = qetjax.rtn(3, group_size=16)
+    qa = qetjax.quantize(transposed(q), jax.random.key(1), w)
+    plain = qetjax.quantize(q, jax.random.key(2), w.T)
+    assert qa.shape == (64, 32) and qetjax.dequantize(qa).shape == (64, 32)
+    np.testing.assert_array_equal(qetjax.dequantize(qa), qetjax.dequantize(plain).T)  # RTN fits nothing: key-free
+    assert qetjax.bits(qa)["total"] == qetjax.bits(plain)["total"] == qetjax.stored_bits(q, (32, 64))
+    # Groups run along the rows of w.T: a column of w with one huge entry spoils only its own groups.
+    spiky = w.at[0, 5].set(100.0)
+    err = np.abs(np.asarray(qetjax.dequantize(qetjax.quantize(transposed(q), jax.random.key(1), spiky)) - spiky))
+    assert err[:16, 5].max() > 1.0 and np.delete(err, 5, axis=1).max() < 0.5
+    with pytest.raises(TypeError, match="Quantizer"):
+        transposed("rtn")
+
+
+def test_as_transposed_matches_transposed():
+    w = jax.random.normal(jax.random.key(0), (48, 16))
+    q = qetjax.rtn(4, group_size=16)
+    qa = as_transposed(qetjax.quantize(q, jax.random.key(1), w.T))
+    assert qa.spec == transposed(q).spec and qa.shape == (48, 16)
+    np.testing.assert_array_equal(qetjax.dequantize(qa), qetjax.dequantize(qetjax.quantize(transposed(q), jax.random.key(1), w)))
+    with pytest.raises(TypeError, match="QuantizedArray"):
+        as_transposed(w)
+
+
+@pytest.mark.parametrize("policy_form", ["rules", "function"])
+def test_layout_out_in(policy_form, tmp_path):
+    params = _params()
+    seen = {}
+
+    def fn(path, leaf):
+        seen[path] = leaf.shape
+        return qetjax.for_budget("rtn", leaf.shape, 6.0, group_size=16) if path == "dense/kernel" else None
+
+    policy = fn if policy_form == "function" else [(r"dense/kernel$", qetjax.rtn(4, group_size=16))]
+    qtree = qetjax.quantize_tree(jax.random.key(1), params, policy, layout="out_in", progress=False)
+    if policy_form == "function":
+        assert seen["dense/kernel"] == (32, 64) and seen["dense/bias"] == (32,)  # the policy sees [out, in]
+    qa = qtree["dense"]["kernel"]
+    assert qa.spec.name == "transposed" and qa.shape == (64, 32)
+    expect = qetjax.dequantize(qetjax.quantize(qetjax.rtn(4, group_size=16), jax.random.key(0), params["dense"]["kernel"].T)).T
+    out = qetjax.dequantize_tree(qtree)
+    np.testing.assert_array_equal(out["dense"]["kernel"], expect)
+    assert out["dense"]["bias"] is params["dense"]["bias"]
+    assert tree_bits(qtree).quantized_bits == 32 * 64 * 4 + 32 * (64 // 16) * 32  # codes + fp16 scale/zero per group
+    # The layout lives in the spec: save/load and dequantize need nothing else.
+    qetjax.save(tmp_path / "m.qet", qtree)
+    back = qetjax.load(tmp_path / "m.qet")
+    assert back["dense"]["kernel"].spec == qa.spec
+    np.testing.assert_array_equal(qetjax.dequantize_tree(back)["dense"]["kernel"], expect)
+    jitted = jax.jit(qetjax.dequantize_tree)(back)
+    np.testing.assert_array_equal(jitted["dense"]["kernel"], expect)
+
+
+def test_layout_bad_input():
+    with pytest.raises(ValueError, match="layout"):
+        qetjax.quantize_tree(jax.random.key(1), _params(), RULES, layout="out-in", progress=False)
+    rules = [(r"table", qetjax.rtn(4, group_size=16))]  # "table" is [128, 8]: groups of 16 fit only its transpose
+    with pytest.raises(ValueError, match="table"):
+        qetjax.quantize_tree(jax.random.key(1), _params(), rules, layout="in_out", progress=False)
+    assert qetjax.quantize_tree(jax.random.key(1), _params(), rules, layout="out_in", progress=False)["table"].shape == (128, 8)
