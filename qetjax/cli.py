@@ -6,9 +6,16 @@ method that has a budget solver is fitted at 2, 3 and 4 stored bits per element
 and one table is printed: method, stored bits/element, MSE, SQNR, fit+encode
 seconds, decode seconds (compile time excluded: each is timed on a second call).
 
+With ``--model minilm`` it runs the MiniLM end-to-end evaluation instead
+(:func:`qetjax.eval.run`): the linear kernels (as ``[out, in]``) and the word-embedding
+table quantized per leaf at each budget, embedding cosine and retrieval agreement to the
+fp32 model, KV-cache attention error, peak memory. ``--methods`` then takes configurations
+``method[:option=value...][+gptq]``.
+
 Example:
     $ qetjax-bench --quick
     $ qetjax-bench --bits 2 3 --methods pq rtn --csv results.csv
+    $ qetjax-bench --model minilm --quick --methods rtn rtn:group_size=128 pvq:group_size=32+gptq --bits 3 4
 """
 
 from __future__ import annotations
@@ -100,13 +107,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qetjax-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small matrices: a seconds-long run")
     parser.add_argument("--bits", type=float, nargs="+", default=[2.0, 3.0, 4.0], help="budgets in bits/element")
-    parser.add_argument("--methods", nargs="+", default=budgeted, choices=budgeted, metavar="METHOD",
-                        help=f"methods to run (default: all of {budgeted})")
+    parser.add_argument("--methods", nargs="+", default=budgeted, metavar="METHOD",
+                        help=f"methods to run (default: all of {budgeted}); with --model minilm, configurations "
+                             "method[:option=value...][+gptq]")
     parser.add_argument("--data", nargs="+", default=list(DATA), choices=DATA,
                         help="matrices to use (minilm needs the models extra)")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows to a CSV file")
+    parser.add_argument("--model", choices=["minilm"], help="run the end-to-end evaluation of this model instead")
+    parser.add_argument("--parts", nargs="+", default=["weights", "kv", "memory"], choices=["weights", "kv", "memory"],
+                        help="--model minilm: measurements to make")
+    parser.add_argument("--targets", nargs="+", default=["linear", "embedding"], choices=["linear", "embedding"],
+                        help="--model minilm: leaves to quantize")
+    parser.add_argument("--sentences", type=int, help="--model minilm: corpus size (default 128 with --quick, else 512)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
+    if args.model == "minilm":
+        return _minilm(parser, args)
+    unknown = sorted(set(args.methods) - set(budgeted))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {budgeted}")
 
     sets = datasets(args.quick, args.data)
     jobs = [(n, x, m, b) for n, x in sets.items() for m in args.methods for b in args.bits]
@@ -117,6 +136,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+def _minilm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--model minilm``: :func:`qetjax.eval.run` with the command's options, printed as markdown."""
+    from qetjax import eval as ev
+
+    try:
+        for c in args.methods:
+            ev.parse_config(c)
+    except ValueError as err:
+        parser.error(str(err))
+    sizes = dict(sentences=128, max_length=64, calib_sentences=64) if args.quick else dict(sentences=512, max_length=128, calib_sentences=256)
+    if args.sentences is not None:
+        sizes["sentences"] = args.sentences
+    rows = ev.run(args.methods, args.bits, parts=args.parts, targets=args.targets, **sizes)
+    print(ev.markdown(rows))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
             writer.writeheader()
             writer.writerows(rows)
     return 0

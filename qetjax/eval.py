@@ -13,27 +13,53 @@ with the fp32 model's embeddings of the same corpus:
 * for KV quantization, the attention output's relative error per layer, with the fp32
   model's queries, keys and values, the keys and values quantized.
 
+The end-to-end run (:func:`run`, used by ``qetjax-bench --model minilm`` and
+``scripts/eval_minilm.py``) quantizes the 36 linear kernels (rows = output channels by
+default: ``layout="out_in"``), and separately the word-embedding table (rows = tokens), with
+each configuration's budget solver at each budget, optionally with GPTQ on calibration inputs
+captured from the model; it then fits KV-cache quantizers per layer and measures the peak
+memory of quantizing the model. Configurations are strings ``method[:option=value...][+gptq]``,
+e.g. ``rtn``, ``rtn:group_size=128``, ``pvq:group_size=32+gptq`` (see :func:`parse_config`).
+
 Example:
     >>> batches = make_batches(tokenizer, sentences)
     >>> reference = embed_corpus(params, batches)
     >>> evaluate(qtree, batches, reference)
     {'cos_mean': 0.998, 'cos_min': 0.991, 'top1': 0.98, 'top5': 0.95}
+    >>> print(markdown(run(["rtn:group_size=128"], [4.25], sentences=128, max_length=64)))
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import json
+import os
+import pkgutil
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import qetjax
+from qetjax import gptq
 from qetjax import kv as kvq
+from qetjax.budget import for_budget
+from qetjax.core import METHODS
+from qetjax.corpus import stdlib_sentences
+from qetjax.io import save
 from qetjax.models import minilm
 from qetjax.models.minilm import attention
-from qetjax.tree import dequantize_tree
+from qetjax.tree import as_transposed, dequantize_tree, leaf_key, path_str, quantize_tree, tree_bits
 
 
 class Batches(NamedTuple):
@@ -137,3 +163,292 @@ def attention_errors(params: Any, batch: dict, codec: kvq.KVCodec) -> np.ndarray
     batch = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "token_type_ids")}
     return np.asarray(_attention_errors(params, batch, codec))
 
+
+
+# --------------------------------------------------------------------------- end-to-end run
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minilm_reference.npz"
+"""The 32 held-out reference sentences (used first in the corpus when the file exists)."""
+
+TARGETS = {"linear": r"^encoder/layer_\d+/.*/kernel$", "embedding": r"^embeddings/word_embeddings/embedding$"}
+"""Leaves quantized together: the 36 linear kernels, or the word-embedding table."""
+
+LAYOUT = {"linear": "out_in", "embedding": "in_out"}
+"""Default layout per target: kernels as ``[out, in]`` (rows = output channels), the table as is (rows = tokens)."""
+
+BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def registered_methods() -> list[str]:
+    """Imports every qetjax module (so each registers its methods) and lists those with a budget solver."""
+    for mod in pkgutil.walk_packages(qetjax.__path__, "qetjax."):
+        try:
+            importlib.import_module(mod.name)
+        except Exception as err:  # a module another engineer is still writing
+            print(f"# skipped {mod.name}: {err!r}", file=sys.stderr)
+    return sorted(n for n, m in METHODS.items() if m.budget is not None)
+
+
+class Config(NamedTuple):
+    """One weight-quantization configuration: a budgeted method, its solver options, GPTQ or not."""
+
+    method: str
+    options: tuple[tuple[str, Any], ...] = ()
+    gptq: bool = False
+
+    @property
+    def label(self) -> str:
+        """The string :func:`parse_config` reads back."""
+        opts = "".join(f":{k}={json.dumps(v)}" for k, v in self.options)
+        return self.method + opts + ("+gptq" if self.gptq else "")
+
+
+def parse_config(text: str) -> Config:
+    """Parses ``method[:option=value...][+gptq]``; values are JSON (``128``, ``true``) or plain strings.
+
+    Example:
+        >>> parse_config("rtn:group_size=128+gptq")
+        Config(method='rtn', options=(('group_size', 128),), gptq=True)
+    """
+    body, plus, flag = text.partition("+")
+    if plus and flag != "gptq":
+        raise ValueError(f"config {text!r}: the only suffix is '+gptq'")
+    method, *opts = body.split(":")
+    if method not in METHODS or METHODS[method].budget is None:
+        budgeted = sorted(n for n, m in METHODS.items() if m.budget is not None)
+        raise ValueError(f"config {text!r}: {method!r} is not a method with a budget solver ({budgeted})")
+    options = []
+    for opt in opts:
+        name, eq, value = opt.partition("=")
+        if not eq or not name.isidentifier():
+            raise ValueError(f"config {text!r}: options are name=value, got {opt!r}")
+        try:
+            options.append((name, json.loads(value)))
+        except json.JSONDecodeError:
+            options.append((name, value))
+    return Config(method, tuple(options), bool(plus))
+
+
+class Setup(NamedTuple):
+    """Model, corpus and calibration data of a run (see :func:`setup`)."""
+
+    params: Any
+    batches: Batches
+    reference: jax.Array
+    held_out: dict
+    calib: dict
+    calib_kv: list
+
+
+def setup(sentences: int = 128, max_length: int = 64, calib_sentences: int = 64) -> Setup:
+    """Loads MiniLM; tokenizes the evaluation corpus (the fixture's 32 sentences first, when present,
+    then stdlib docstring sentences) and a disjoint calibration set; embeds the corpus with fp32.
+
+    The first 32 corpus sentences are the held-out batch of the KV-cache measurements.
+    """
+    _, params, tokenizer = minilm.load_pretrained()
+    first = []
+    if FIXTURE.exists():
+        with np.load(FIXTURE) as d:
+            first = [str(t) for t in d["sentences"]][:sentences]
+    corpus = first + (stdlib_sentences(sentences - len(first), exclude=first) if sentences > len(first) else [])
+    batches = make_batches(tokenizer, corpus, 32, max_length)
+    calib = minilm.tokenize(tokenizer, stdlib_sentences(calib_sentences, exclude=corpus), max_length)
+    return Setup(params, batches, embed_corpus(params, batches), minilm.tokenize(tokenizer, corpus[:32], max_length),
+                 calib, minilm.encode(params, **calib, return_kv=True)[1])
+
+
+def dense_inputs(params: Any, batch: dict) -> dict[str, np.ndarray]:
+    """Inputs ``[real tokens, in]`` of every linear layer on ``batch``, by kernel path.
+
+    Captured with ``flax.linen.intercept_methods`` from the fp32 model (padding rows dropped).
+    """
+    import flax.linen as nn
+
+    captured = {}
+
+    def interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+            captured["/".join(context.module.path) + "/kernel"] = args[0]
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        minilm.encode(params, **{k: jnp.asarray(batch[k]) for k in BATCH_KEYS})
+    real = np.asarray(batch["attention_mask"]).reshape(-1) != 0
+    return {k: np.asarray(v).reshape(-1, v.shape[-1])[real] for k, v in captured.items()}
+
+
+def _selected(params: Any, target: str) -> dict[str, Any]:
+    return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0] if re.search(TARGETS[target], path_str(p))}
+
+
+def _gptq_group(q: Any) -> int:
+    inner = q.spec
+    while inner.name == "transposed":
+        inner = dict(inner.args)["q"]
+    group = dict(inner.args).get("group_size")
+    if not isinstance(group, int):
+        raise ValueError(f"GPTQ needs a method with column groups (a group_size); {inner.name} has none here")
+    return group
+
+
+def quantize_model(params: Any, config: Config, target: str, bits_per_weight: float, *, layout: str | None = None,
+                   calib: dict | None = None, key: jax.Array | None = None) -> Any:
+    """Quantizes the ``target`` leaves of ``params`` with ``config`` at ``bits_per_weight`` per leaf.
+
+    Args:
+      params: the MiniLM parameter tree.
+      config: method, budget-solver options and whether to use GPTQ.
+      target: a key of :data:`TARGETS`.
+      bits_per_weight: the budget each leaf must fit (``qetjax.for_budget``).
+      layout: ``"out_in"`` or ``"in_out"`` (default :data:`LAYOUT` ``[target]``).
+      calib: tokenized calibration batch, needed for GPTQ (whose inputs :func:`dense_inputs` captures).
+      key: PRNG key (default ``jax.random.key(0)``).
+
+    Returns:
+      The quantized tree (other leaves kept).
+
+    Raises:
+      ValueError: the budget cannot be met, or GPTQ without ``calib``, with ``layout="in_out"``
+        or with a method without column groups.
+    """
+    key = jax.random.key(0) if key is None else key
+    layout = LAYOUT[target] if layout is None else layout
+    leaves = _selected(params, target)
+    shape = (lambda x: x.shape[::-1]) if layout == "out_in" else (lambda x: x.shape)
+    policy = {p: for_budget(config.method, shape(x), bits_per_weight, **dict(config.options)) for p, x in leaves.items()}
+    if not config.gptq:
+        return quantize_tree(key, params, lambda p, x: policy.get(p), layout=layout, progress=False)
+    if layout != "out_in" or calib is None:
+        raise ValueError("GPTQ quantizes [out, in] kernels on calibration inputs: needs layout='out_in' and calib")
+    inputs = dense_inputs(params, calib)
+    done = {p: as_transposed(gptq.quantize(q, leaf_key(key, p), jnp.asarray(leaves[p]).T, inputs[p], _gptq_group(q)))
+            for p, q in policy.items()}
+    return jax.tree_util.tree_map_with_path(lambda p, x: done.get(path_str(p), x), params)
+
+
+def weight_rows(s: Setup, configs: Sequence[Config], budgets: Sequence[float], targets: Sequence[str] = tuple(TARGETS),
+                layout: str | None = None) -> list[dict]:
+    """One row per (target, config, budget): bits/weight, end metrics, quantize seconds, file size."""
+    rows = []
+    for target in targets:
+        for config in configs:
+            for budget in budgets:
+                row = {"part": "weights", "target": target, "config": config.label, "budget": budget}
+                t0 = time.perf_counter()
+                try:
+                    qtree = jax.block_until_ready(quantize_model(s.params, config, target, budget, calib=s.calib,
+                                                                  layout=layout if target == "linear" else None))
+                except ValueError as err:
+                    rows.append({**row, "status": f"n/a ({str(err)[:80]})"})
+                    continue
+                seconds = time.perf_counter() - t0
+                tb = tree_bits(qtree)
+                with tempfile.TemporaryDirectory() as tmp:
+                    size = save(os.path.join(tmp, "m.qet"), qtree)
+                rows.append({**row, "status": "ok", "bpw_quantized": tb.quantized_bits_per_weight, "bpw_model": tb.bits_per_weight,
+                             **evaluate(qtree, s.batches, s.reference), "quantize_s": seconds, "file_MiB": size / 2**20})
+                print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def kv_rows(s: Setup, configs: Sequence[Config], budgets: Sequence[float]) -> list[dict]:
+    """One row per (config, budget, per-head or shared fit): attention error per layer, embedding cosine."""
+    rows = []
+    mask = s.calib["attention_mask"]
+    tokens, heads, head_dim = int(np.sum(mask)), s.calib_kv[0][0].shape[1], s.calib_kv[0][0].shape[3]
+    reference = minilm.embed(s.params, **s.held_out)
+    embed = jax.jit(lambda p, c, b: minilm.embed(p, **b, kv_transform=kvq.transform(c)))
+    for config in configs:
+        for budget in budgets:
+            for per_head in (True, False):
+                row = {"part": "kv", "config": config.label, "budget": budget, "fit": "per head" if per_head else "shared"}
+                shape = (tokens if per_head else tokens * heads, head_dim)  # params amortised over the calibration cache
+                try:
+                    if config.gptq:
+                        raise ValueError("GPTQ is for weights")
+                    q = for_budget(config.method, shape, budget, **dict(config.options))
+                except ValueError as err:
+                    rows.append({**row, "status": f"n/a ({str(err)[:80]})"})
+                    continue
+                t0 = time.perf_counter()
+                codec = jax.block_until_ready(kvq.fit_kv(jax.random.key(0), q, s.calib_kv, mask, per_head=per_head))
+                seconds = time.perf_counter() - t0
+                errors = attention_errors(s.params, s.held_out, codec)
+                cos = np.sum(np.asarray(reference) * np.asarray(embed(s.params, codec, s.held_out)), 1)
+                rows.append({**row, "status": "ok", "code_bpe": kvq.code_bits_per_element(codec, 1024, head_dim),
+                             "params_KiB": kvq.params_bits(codec) / 8 / 1024, "attn_err_mean": float(errors.mean()),
+                             "attn_err_per_layer": " ".join(f"{e:.3f}" for e in errors), "cos_mean": float(cos.mean()),
+                             "cos_min": float(cos.min()), "fit_s": seconds})
+                print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def peak_memory(config: Config, budget: float) -> dict:
+    """Peak host RSS of quantizing all linear kernels, measured in a fresh Python process.
+
+    ``ru_maxrss`` (getrusage) after loading the model is subtracted from ``ru_maxrss`` after
+    quantizing (JAX compilation included).
+    """
+    code = "import sys; from qetjax.eval import memory_child; memory_child(sys.argv[1], float(sys.argv[2]))"
+    out = subprocess.run([sys.executable, "-c", code, config.label, str(budget)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
+    before, after = map(int, out.stdout.split()[-2:])
+    return {"part": "memory", "config": config.label, "budget": budget, "rss_before_MiB": before / 1024,
+            "rss_peak_MiB": after / 1024, "delta_MiB": (after - before) / 1024}
+
+
+def memory_child(label: str, budget: float) -> None:
+    """The measured process of :func:`peak_memory`; prints ``ru_maxrss`` before and after (KiB)."""
+    registered_methods()
+    params = minilm.load_params()
+    config = parse_config(label)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    jax.block_until_ready(quantize_model(params, config, "linear", budget))
+    print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def run(configs: Sequence[str], budgets: Sequence[float], *, sentences: int = 128, max_length: int = 64,
+        calib_sentences: int = 64, parts: Sequence[str] = ("weights", "kv", "memory"),
+        targets: Sequence[str] = tuple(TARGETS), layout: str | None = None, kv_configs: Sequence[str] | None = None,
+        memory_configs: Sequence[str] = ("rtn",)) -> list[dict]:
+    """All measurements as row dicts (``part`` is ``weights``, ``kv`` or ``memory``); see :func:`markdown`.
+
+    Args:
+      configs: weight configurations (:func:`parse_config` strings).
+      budgets: stored bits per weight (and per cached KV element).
+      sentences, max_length, calib_sentences: corpus and calibration sizes.
+      parts: which measurements to make.
+      targets: keys of :data:`TARGETS`.
+      layout: the linear kernels' layout (default :data:`LAYOUT`; the embedding table is always ``in_out``).
+      kv_configs: KV-cache configurations (default: ``configs`` without GPTQ).
+      memory_configs: configurations whose peak memory is measured at the largest budget.
+    """
+    registered_methods()
+    weights = [parse_config(c) for c in configs]
+    s = setup(sentences, max_length, calib_sentences)
+    rows = []
+    if "weights" in parts:
+        rows += weight_rows(s, weights, budgets, targets, layout)
+    if "kv" in parts:
+        kv = [parse_config(c) for c in kv_configs] if kv_configs is not None else list(dict.fromkeys(c._replace(gptq=False) for c in weights))
+        rows += kv_rows(s, kv, budgets)
+    if "memory" in parts:
+        rows += [peak_memory(parse_config(c), max(budgets)) for c in memory_configs]
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def markdown(rows: Sequence[dict]) -> str:
+    """Markdown tables, one per ``part`` and ``target``."""
+    out, groups = [], {}
+    for r in rows:
+        groups.setdefault((r["part"], r.get("target", "")), []).append(r)
+    for (part, target), rs in groups.items():
+        cols = list(dict.fromkeys(k for r in rs for k in r if k not in ("part", "target")))
+        out += [f"\n### {part} {target}".rstrip(), "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        out += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rs]
+    return "\n".join(out)

@@ -63,3 +63,57 @@ def test_corpus_is_deterministic():
     a, b = stdlib_sentences(40), stdlib_sentences(40, exclude=["not a sentence"])
     assert a == b and len(a) == 40 and len(set(a)) == 40
     assert stdlib_sentences(5, exclude=a[:2]) == a[2:7]
+
+
+# --------------------------------------------------------------------------- end-to-end run
+
+
+def test_parse_config():
+    assert ev.parse_config("rtn") == ev.Config("rtn")
+    c = ev.parse_config('rtn:group_size=128:granularity="group"+gptq')
+    assert c == ev.Config("rtn", (("group_size", 128), ("granularity", "group")), True)
+    assert ev.parse_config(c.label) == c
+    assert ev.parse_config("pvq:gain_scale=row").options == (("gain_scale", "row"),)
+    for bad in ("nope", "rtn+awq", "rtn:128", "rtn:=3"):
+        with pytest.raises(ValueError, match="config"):
+            ev.parse_config(bad)
+
+
+def test_dense_inputs_and_gptq_on_two_kernels(model, monkeypatch):
+    params, batches, _ = model
+    batch = {k: getattr(batches, k)[0] for k in ev.BATCH_KEYS}
+    inputs = ev.dense_inputs(params, batch)
+    tokens = int(np.sum(batch["attention_mask"]))
+    assert len(inputs) == 36 and inputs["encoder/layer_3/mlp/output/kernel"].shape == (tokens, 1536)
+    np.testing.assert_array_equal(inputs["encoder/layer_0/attention/query/kernel"], inputs["encoder/layer_0/attention/value/kernel"])
+    monkeypatch.setitem(ev.TARGETS, "two", r"layer_0/attention/(query|value)/kernel$")
+    monkeypatch.setitem(ev.LAYOUT, "two", "out_in")
+    config = ev.Config("rtn", (("group_size", 128),))
+    plain = ev.quantize_model(params, config, "two", 3.25)
+    comp = ev.quantize_model(params, config._replace(gptq=True), "two", 3.25, calib=batch)
+    for name in ("query", "value"):
+        p, c = plain["encoder"]["layer_0"]["attention"][name]["kernel"], comp["encoder"]["layer_0"]["attention"][name]["kernel"]
+        assert p.spec == c.spec and p.spec.name == "transposed" and c.shape == (384, 384) and c.bits_per_element == 3.25
+        w, x = params["encoder"]["layer_0"]["attention"][name]["kernel"], inputs[f"encoder/layer_0/attention/{name}/kernel"]
+        err = lambda qa: qetjax.gptq.output_error(w.T, qetjax.dequantize(qa).T, x)
+        assert err(c) < 0.8 * err(p)  # GPTQ lowers the layer-output error on its calibration inputs
+    assert not isinstance(comp["encoder"]["layer_1"]["attention"]["query"]["kernel"], qetjax.QuantizedArray)
+    with pytest.raises(ValueError, match="calib"):
+        ev.quantize_model(params, config._replace(gptq=True), "two", 3.25)
+    with pytest.raises(ValueError, match="group"):
+        ev.quantize_model(params, ev.Config("lloyd_max", (), True), "two", 3.25, calib=batch)
+
+
+def test_cli_minilm_quick(capsys):
+    from qetjax import cli
+
+    argv = ["--model", "minilm", "--quick", "--methods", "rtn:group_size=128", "--bits", "4.25", "--sentences", "12",
+            "--parts", "weights", "--targets", "linear"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, l in enumerate(lines) if l.startswith("| config"))
+    row = dict(zip(lines[header].strip("| ").split(" | "), lines[header + 2].strip("| ").split(" | ")))
+    assert row["config"] == "rtn:group_size=128" and row["status"] == "ok" and float(row["bpw_quantized"]) == 4.25
+    assert 0.8 < float(row["cos_mean"]) < 1.0
+    with pytest.raises(SystemExit):
+        cli.main(["--model", "minilm", "--methods", "rtn+awq"])
