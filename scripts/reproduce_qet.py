@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--cols", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after the first (compile) call in A and D")
+    parser.add_argument("--sections", default="ABCD", help="which sections to run, e.g. 'BCD'")
     args = parser.parse_args()
     shape = (256, 128) if args.quick else (args.rows, args.cols)
     levels = range(1, 5)
@@ -225,11 +226,35 @@ def main() -> None:
           f"{jax.devices()[0].platform}; OPQ {'available' if HAVE_OPQ else 'n/a (not yet)'})\n")
 
     x = data.qet_paper(jax.random.key(1), shape)
+    if "A" in args.sections:
+        section_a(x, shape, levels, args.repeats)
+    sets = {"Gaussian": data.gaussian(jax.random.key(2), shape)}
+    weights = data.minilm_weights(list(MINILM.values()) if not args.quick else [MINILM["MiniLM L0 attn query"]])
+    for label, path in MINILM.items():
+        if path in weights:
+            sets[f"{label} {weights[path].shape}"] = jax.numpy.asarray(weights[path])
+    if "B" in args.sections:
+        section_b(sets, args.quick)
+    if "C" in args.sections:
+        print("## C. Indicator map entropy (order 0, per level)\n")
+        ent = []
+        for name, xs in [("qet_paper", x)] + list(sets.items()):
+            ent += entropy_rows(name, xs, levels)
+        print(table(ent, ["data", "levels", "H per level (bits/bit)", "indicator bits/el", "order-0 saving bits/el"]) + "\n")
+    if "D" in args.sections:
+        print(f"## D. Speed: QET vs PQ at the same centroids (qet_paper {shape}, k=256, median of {args.repeats})\n")
+        print(table(speed_rows(x, min(256, shape[0]), args.repeats),
+                    ["method", "fit+enc s", "dec s", "compile s", "QTR", "DTR", "dec MB/s (fp32 out)"]) + "\n")
+    print(f"Total wall time {time.time() - t0:.0f} s (2 shared CPU cores, timings under load).")
+
+
+def section_a(x: jax.Array, shape: tuple[int, int], levels: range, repeats: int) -> None:
+    """The paper's experiment: QET vs baselines at compression ratios 4..16."""
     print(f"## A. Paper setting: qet_paper data {shape}, 8 subspaces, equal stored bits\n")
     best = {}
     for ratio in (4, 8, 12, 16):
         bpe = 32 / ratio
-        rows = run_budget(x, bpe, levels, False, args.repeats)
+        rows = run_budget(x, bpe, levels, False, repeats)
         print(f"### Compression ratio {ratio} ({bpe:.3g} bits/element)\n")
         print(table(rows, COLS) + "\n")
         qets = [r for r in rows if r["method"].startswith("QET") and "MSE" in r]
@@ -255,28 +280,15 @@ def main() -> None:
     xc = np.asarray(x)
     print(f"(data: min {xc.min():.3f}, max {xc.max():.3f}, {int((np.abs(xc - 0.5) > 0.5).sum())} outliers outside [0, 1])\n")
 
+
+def section_b(sets: dict, quick: bool) -> None:
+    """Gaussian and MiniLM matrices at 2/3/4 bits with the CQO and residual variants."""
     print("## B. Gaussian and MiniLM weights, 2/3/4 bits per element, CQO and Residual Optimization\n")
-    sets = {"Gaussian": data.gaussian(jax.random.key(2), shape)}
-    weights = data.minilm_weights(list(MINILM.values()) if not args.quick else [MINILM["MiniLM L0 attn query"]])
-    for label, path in MINILM.items():
-        if path in weights:
-            sets[f"{label} {weights[path].shape}"] = jax.numpy.asarray(weights[path])
     for name, xs in sets.items():
-        for bpe in ((2.0, 4.0) if args.quick else (2.0, 3.0, 4.0)):
+        for bpe in ((2.0, 4.0) if quick else (2.0, 3.0, 4.0)):
             rows = run_budget(xs, bpe, range(1, 3), True, 1)
             print(f"### {name}, {bpe:g} bits/element\n")
             print(table(rows, SHORT) + "\n")
-
-    print("## C. Indicator map entropy (order 0, per level)\n")
-    ent = []
-    for name, xs in [("qet_paper", x)] + list(sets.items()):
-        ent += entropy_rows(name, xs, levels)
-    print(table(ent, ["data", "levels", "H per level (bits/bit)", "indicator bits/el", "order-0 saving bits/el"]) + "\n")
-
-    print(f"## D. Speed: QET vs PQ at the same centroids (qet_paper {shape}, k=256, median of {args.repeats})\n")
-    print(table(speed_rows(x, min(256, shape[0]), args.repeats),
-                ["method", "fit+enc s", "dec s", "compile s", "QTR", "DTR", "dec MB/s (fp32 out)"]) + "\n")
-    print(f"Total wall time {time.time() - t0:.0f} s (2 shared CPU cores, timings under load).")
 
 
 if __name__ == "__main__":
