@@ -207,11 +207,8 @@ def model_distortion(group_size: int, pulses: int, gain_bits: int) -> float:
 
     Shape: a sphere-covering estimate, ``(D-1)/(D+1) (A / (V c))^{2/(D-1)}`` of
     the norm squared with ``V = V(D, K)`` caps (``A`` the sphere's area, ``c``
-    the unit ``(D-1)``-ball's volume). Gain: Gaussian Lloyd-Max error of a
-    variable with variance ``1/8``, 4x smaller per extra bit (calibrated: a chi
-    variable has variance ``1/2``, but the shape error and the gain error are not
-    independent; with ``1/8`` the chosen ``gain_bits`` matched the best of a
-    sweep on Gaussian data at D=128, 2 and 3 bits/element).
+    the unit ``(D-1)``-ball's volume). Gain: Gaussian Lloyd-Max error with
+    variance ``1/2`` (the spread of a chi variable), 4x smaller per extra bit.
     """
     dim = group_size
     if dim == 1:
@@ -223,7 +220,7 @@ def model_distortion(group_size: int, pulses: int, gain_bits: int) -> float:
         shape = dim * (dim - 1) / (dim + 1) * math.exp(2 * (log_area - log_ball - log_points) / (dim - 1))
     table = _GAUSSIAN_LLOYD_MSE
     gain = table[min(gain_bits, 4) - 1] * 4.0 ** -max(0, gain_bits - 4)
-    return min(shape, float(dim)) + 0.125 * gain
+    return min(shape, float(dim)) + 0.5 * gain
 
 
 @register_budget("pvq")
