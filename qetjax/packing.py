@@ -4,8 +4,10 @@ Codes of ``width`` bits (1..32) are laid out as one little-endian bit stream:
 code ``i`` occupies bits ``[i*width, (i+1)*width)`` of the stream, and word ``j``
 holds stream bits ``[32*j, 32*j+32)``. ``n`` codes take exactly
 ``ceil(n * width / 32)`` words, so stored size equals nominal size up to the
-last word. Packing works on groups of 32 codes (which fill exactly ``width``
-words) with static shifts, so it is a handful of vectorised operations.
+last word. Widths dividing 32 pack ``32 / width`` codes per word with one
+shift-and-sum; other widths work on groups of 32 codes (which fill exactly
+``width`` words) with static shifts. Either way it is a handful of vectorised
+operations.
 
 Example:
     >>> import jax.numpy as jnp
@@ -53,8 +55,12 @@ def pack(codes: jax.Array, width: int) -> jax.Array:
     if not jnp.issubdtype(codes.dtype, jnp.integer):
         raise TypeError(f"codes must be integers, got {codes.dtype}")
     count = codes.shape[0]
-    groups = -(-count // 32)
     mask = jnp.uint32(0xFFFFFFFF if width == 32 else (1 << width) - 1)
+    if 32 % width == 0:  # no code straddles two words: one shift-and-sum per word
+        per = 32 // width
+        c = jnp.pad(codes.astype(jnp.uint32) & mask, (0, -count % per)).reshape(-1, per)
+        return (c << jnp.asarray(np.arange(per) * width, jnp.uint32)).sum(1, dtype=jnp.uint32)
+    groups = -(-count // 32)
     c = jnp.pad(codes.astype(jnp.uint32) & mask, (0, groups * 32 - count)).reshape(groups, 32)
     word, shift, straddle = _layout(width)
     lo = c << jnp.asarray(shift, jnp.uint32)
@@ -78,6 +84,10 @@ def unpack(words: jax.Array, width: int, count: int) -> jax.Array:
             f"words has {words.shape[0]} words, expected {num_words(count, width)} "
             f"for {count} codes of {width} bits"
         )
+    mask = jnp.uint32(0xFFFFFFFF if width == 32 else (1 << width) - 1)
+    if 32 % width == 0:  # no code straddles two words
+        shifts = jnp.asarray(np.arange(32 // width) * width, jnp.uint32)
+        return ((words[:, None] >> shifts[None, :]) & mask).reshape(-1)[:count]
     groups = -(-count // 32)
     w = jnp.pad(words, (0, groups * width + 1 - words.shape[0])).astype(jnp.uint32)
     word, shift, straddle = _layout(width)
@@ -85,7 +95,6 @@ def unpack(words: jax.Array, width: int, count: int) -> jax.Array:
     after = w[1 : groups * width + 1].reshape(groups, width)[:, word]
     lo = here >> jnp.asarray(shift, jnp.uint32)
     hi = jnp.where(straddle, after << jnp.asarray(np.where(straddle, 32 - shift, 0), jnp.uint32), 0)
-    mask = jnp.uint32(0xFFFFFFFF if width == 32 else (1 << width) - 1)
     return ((lo | hi) & mask).reshape(-1)[:count]
 
 
