@@ -8,7 +8,10 @@ Example:
     >>> qa.bits_per_element, qetjax.bits(qa)["total"]
 """
 
-from qetjax import kmeans, metrics, packing
+# Engines and helpers, as modules.
+from qetjax import data, gptq, kmeans, kv, metrics, packing, pvq, rotations, swap_tree
+
+# The core abstraction.
 from qetjax.budget import for_budget
 from qetjax.core import (
     METHODS,
@@ -24,14 +27,16 @@ from qetjax.core import (
     residual,
     stored_bits,
 )
-from qetjax.pq import pq
-from qetjax import gptq, pvq, rotations
-from qetjax.opq import opq
+
+# Methods (each registers its constructor and budget solver on import).
 from qetjax.lopq import lopq
-from qetjax.rq import rq
 from qetjax.lsq import lsq
+from qetjax.opq import opq
+from qetjax.pq import pq
+from qetjax.qet import qet, qet_paper, qet_residual
+from qetjax.rq import rq
 from qetjax.scalar import lloyd_max, rtn
+
+# Parameter trees and files.
 from qetjax.io import load, save
 from qetjax.tree import dequantize_tree, quantize_tree
-from qetjax import data, swap_tree
-from qetjax.qet import qet, qet_paper, qet_residual
