@@ -73,9 +73,8 @@ def pack(codes: jax.Array, width: int) -> jax.Array:
     return words.reshape(-1)[: num_words(count, width)]
 
 
-def unpack(words: jax.Array, width: int, count: int) -> jax.Array:
-    """Inverse of :func:`pack`: the first ``count`` codes as ``uint32``."""
-    width = check_int("width", width, 1, 32)
+def check_words(words: jax.Array, width: int, count: int) -> int:
+    """Validates packed ``words`` holding ``count`` codes of ``width`` bits; returns ``count``."""
     count = check_int("count", count, 0)
     if words.dtype != jnp.uint32 or words.ndim != 1:
         raise TypeError(f"words must be a 1-D uint32 array, got {words.dtype}{words.shape}")
@@ -84,6 +83,13 @@ def unpack(words: jax.Array, width: int, count: int) -> jax.Array:
             f"words has {words.shape[0]} words, expected {num_words(count, width)} "
             f"for {count} codes of {width} bits"
         )
+    return count
+
+
+def unpack(words: jax.Array, width: int, count: int) -> jax.Array:
+    """Inverse of :func:`pack`: the first ``count`` codes as ``uint32``."""
+    width = check_int("width", width, 1, 32)
+    count = check_words(words, width, count)
     mask = jnp.uint32(0xFFFFFFFF if width == 32 else (1 << width) - 1)
     if 32 % width == 0:  # no code straddles two words
         shifts = jnp.asarray(np.arange(32 // width) * width, jnp.uint32)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from qetjax.core import check_int
-from qetjax.packing import num_words
+from qetjax.packing import check_words, num_words
 
 LIMB_BITS = 16
 
@@ -67,14 +67,7 @@ def pack_limbs(limbs: jax.Array, width: int) -> jax.Array:
 def unpack_limbs(words: jax.Array, width: int, count: int) -> jax.Array:
     """Inverse of :func:`pack_limbs`: ``uint32[count, ceil(width / 16)]`` limbs."""
     width = check_int("width", width, 1)
-    count = check_int("count", count, 0)
-    if words.dtype != jnp.uint32 or words.ndim != 1:
-        raise TypeError(f"words must be a 1-D uint32 array, got {words.dtype}{words.shape}")
-    if words.shape[0] != num_words(count, width):
-        raise ValueError(
-            f"words has {words.shape[0]} words, expected {num_words(count, width)} "
-            f"for {count} codes of {width} bits"
-        )
+    count = check_words(words, width, count)
     word, shift, bits = _fields(count, width)
     padded = jnp.concatenate([words, jnp.zeros(1, jnp.uint32)])
     lo = padded[word] >> shift
