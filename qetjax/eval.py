@@ -18,8 +18,9 @@ The end-to-end run (:func:`run`, used by ``qetjax-bench --model minilm`` and
 default: ``layout="out_in"``), and separately the word-embedding table (rows = tokens), with
 each configuration's budget solver at each budget, optionally with GPTQ on calibration inputs
 captured from the model; it then fits KV-cache quantizers per layer and measures the peak
-memory of quantizing the model. Configurations are strings ``method[:option=value...][+gptq]``,
-e.g. ``rtn``, ``rtn:group_size=128``, ``pvq:group_size=32+gptq`` (see :func:`parse_config`).
+memory of quantizing the model (RSS polled during quantization, :class:`RssPeak`).
+Configurations are strings ``method[:option=value...][+gptq]``, e.g. ``rtn``,
+``rtn:group_size=128``, ``pvq:group_size=32+gptq`` (see :func:`parse_config`).
 
 Example:
     >>> batches = make_batches(tokenizer, sentences)
@@ -37,10 +38,10 @@ import json
 import os
 import pkgutil
 import re
-import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -384,28 +385,87 @@ def kv_rows(s: Setup, configs: Sequence[Config], budgets: Sequence[float]) -> li
     return rows
 
 
+def rss_bytes() -> int:
+    """The resident set size of this process now (``VmRSS`` of ``/proc/self/status``), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("/proc/self/status has no VmRSS line")
+
+
+class RssPeak:
+    """Context manager recording the peak RSS of its body, polled in a background thread.
+
+    ``before`` is the RSS on entry, ``peak`` the largest RSS seen (every ``interval`` seconds,
+    and on entry and exit); ``delta`` = ``peak - before`` is the body's own working set above
+    what the process already held (a peak shorter than ``interval`` can be missed).
+
+    Example:
+        >>> with RssPeak() as m:
+        ...     x = np.ones(2**25)
+        >>> m.delta > 2**27
+        True
+    """
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+        self.before = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __enter__(self) -> "RssPeak":
+        self.before = self.peak = rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def delta(self) -> int:
+        """Peak RSS during the body minus RSS on entry, in bytes."""
+        return self.peak - self.before
+
+
 def peak_memory(config: Config, budget: float) -> dict:
     """Peak host RSS of quantizing all linear kernels, measured in a fresh Python process.
 
-    ``ru_maxrss`` (getrusage) after loading the model is subtracted from ``ru_maxrss`` after
-    quantizing (JAX compilation included).
+    After loading the model, RSS is polled every 10 ms (:class:`RssPeak`) while
+    :func:`quantize_model` runs, twice: the first call includes JAX compilation, the second
+    (the first result freed) reuses the compiled code. Reported beside the model's fp32 size,
+    the quantized leaves' fp32 size and the largest quantized leaf's fp32 size (MiB).
     """
     code = "import sys; from qetjax.eval import memory_child; memory_child(sys.argv[1], float(sys.argv[2]))"
     out = subprocess.run([sys.executable, "-c", code, config.label, str(budget)], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
-    before, after = map(int, out.stdout.split()[-2:])
-    return {"part": "memory", "config": config.label, "budget": budget, "rss_before_MiB": before / 1024,
-            "rss_peak_MiB": after / 1024, "delta_MiB": (after - before) / 1024}
+    return {"part": "memory", "config": config.label, "budget": budget, **json.loads(out.stdout.splitlines()[-1])}
 
 
 def memory_child(label: str, budget: float) -> None:
-    """The measured process of :func:`peak_memory`; prints ``ru_maxrss`` before and after (KiB)."""
+    """The measured process of :func:`peak_memory`; prints one JSON line of sizes in MiB."""
     registered_methods()
     params = minilm.load_params()
     config = parse_config(label)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    jax.block_until_ready(quantize_model(params, config, "linear", budget))
-    print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    leaves = _selected(params, "linear")
+    mib = lambda n: n / 2**20
+    row = {"model_fp32_MiB": mib(sum(x.size * 4 for x in jax.tree_util.tree_leaves(params))),
+           "linear_fp32_MiB": mib(sum(x.size * 4 for x in leaves.values())),
+           "largest_leaf_MiB": mib(max(x.size * 4 for x in leaves.values()))}
+    for name in ("first", "cached"):
+        t0 = time.perf_counter()
+        with RssPeak() as m:
+            qtree = jax.block_until_ready(quantize_model(params, config, "linear", budget))
+        row |= {f"rss_before_{name}_MiB": mib(m.before), f"peak_delta_{name}_MiB": mib(m.delta),
+                f"quantize_{name}_s": time.perf_counter() - t0}
+        del qtree
+    print(json.dumps(row))
 
 
 def run(configs: Sequence[str], budgets: Sequence[float], *, sentences: int = 128, max_length: int = 64,

@@ -7,7 +7,8 @@ reported: bits/weight over the quantized leaves and the whole model, embedding c
 fp32 model (mean, worst), retrieval top-1/top-5 agreement, quantize wall time (compilation
 included), saved file size. KV cache: quantizers fitted once per layer (per head or shared) on
 calibration sentences, applied to 32 held-out sentences: attention-output relative error per
-layer, embedding cosine. Memory: peak RSS of quantizing all linear kernels in a fresh process.
+layer, embedding cosine. Memory: in a fresh process, RSS polled every 10 ms while all linear
+kernels are quantized (peak minus RSS just before; first call with compilation, then cached).
 
 Usage:
     python scripts/eval_minilm.py --quick --methods rtn rtn:group_size=128 pvq:group_size=32+gptq --bits 3 4

@@ -1,5 +1,6 @@
 """Tests of the evaluation loop and metrics."""
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,13 @@ def test_cli_minilm_quick(capsys):
     assert 0.8 < float(row["cos_mean"]) < 1.0
     with pytest.raises(SystemExit):
         cli.main(["--model", "minilm", "--methods", "rtn+awq"])
+
+
+def test_rss_peak_sees_a_transient_allocation():
+    assert ev.rss_bytes() > 0
+    with ev.RssPeak() as m:
+        x = np.ones(2**25)  # 256 MiB, touched
+        time.sleep(0.05)
+        del x
+    assert m.delta > 200 * 2**20 and m.peak >= m.before
+    assert ev.rss_bytes() < m.peak
