@@ -275,6 +275,20 @@ def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     return int(value)
 
 
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def check_storage_dtype(name: str, value: Any) -> str:
+    """Validates a float storage dtype (for codebooks, scales, rotations) and returns its name."""
+    try:
+        dtype = jnp.dtype(value).name
+    except TypeError:
+        dtype = None
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"{name} must be one of {STORAGE_DTYPES}, got {value!r}")
+    return dtype
+
+
 # --------------------------------------------------------------------------- quantized arrays
 
 

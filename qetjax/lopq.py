@@ -39,8 +39,8 @@ from jax import lax
 
 from qetjax import kmeans
 from qetjax.budget import largest_fitting
-from qetjax.core import Quantizer, check_int, pytree_dataclass, register_budget, register_method, static_field
-from qetjax.opq import _check_dtype, learn_rotation, lloyd_step
+from qetjax.core import Quantizer, check_int, check_storage_dtype, pytree_dataclass, register_budget, register_method, static_field
+from qetjax.opq import learn_rotation, lloyd_step
 from qetjax.packing import code_width, pack, unpack
 from qetjax.pq import default_subvector_dim, merge, split
 
@@ -137,8 +137,8 @@ def lopq(
     kmeans_iters = check_int("kmeans_iters", kmeans_iters, 0)
     if train_rows is not None:
         check_int("train_rows", train_rows, 1)
-    rdtype = _check_dtype("rotation_dtype", rotation_dtype)
-    cdtype = _check_dtype("codebook_dtype", codebook_dtype)
+    rdtype = check_storage_dtype("rotation_dtype", rotation_dtype)
+    cdtype = check_storage_dtype("codebook_dtype", codebook_dtype)
     coarse_width, width = code_width(cells), code_width(k)
 
     def coarse_assign(coarse: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -40,24 +40,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from qetjax.budget import largest_fitting
-from qetjax.core import Quantizer, check_int, pytree_dataclass, register_budget, register_method
+from qetjax.core import Quantizer, check_int, check_storage_dtype, pytree_dataclass, register_budget, register_method
 from qetjax.packing import code_width, pack
-from qetjax.pq import PQCodes
+from qetjax.pq import Codebook, PQCodes
 
-_FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 # Entries of the [rows, M, K] blocks of one chunk of rows during encoding.
 _BLOCK = 1 << 21
-
-
-@pytree_dataclass
-class LSQParams:
-    """Codebooks ``[M, K, w]`` at their stored dtype."""
-
-    codebook: jax.Array
-
-    def values(self) -> jax.Array:
-        """The codebooks as float32."""
-        return self.codebook.astype(jnp.float32)
 
 
 def reconstruct(cb: jax.Array, codes: jax.Array) -> jax.Array:
@@ -168,8 +156,7 @@ def lsq(
         raise TypeError(f"regularization must be a number, got {type(regularization).__name__}")
     if not regularization > 0:
         raise ValueError(f"regularization must be > 0, got {regularization}")
-    if codebook_dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"codebook_dtype must be one of {_FLOAT_DTYPES}, got {codebook_dtype!r}")
+    check_storage_dtype("codebook_dtype", codebook_dtype)
     width = code_width(k)
 
     def search(key: jax.Array, x: jax.Array, cb: jax.Array, codes: jax.Array, rounds: int) -> jax.Array:
@@ -182,7 +169,7 @@ def lsq(
         out = lax.map(lambda a: local_search(a[0], a[1], cb, a[2], rounds, icm_iters, nperts), (keys, xs, cs))
         return out.reshape(-1, num)[:n]
 
-    def fit(key: jax.Array, x: jax.Array) -> LSQParams:
+    def fit(key: jax.Array, x: jax.Array) -> Codebook:
         if k > x.shape[0]:
             raise ValueError(f"num_centroids={k} exceeds the {x.shape[0]} rows of x")
         k_init, k_iter = jax.random.split(key)
@@ -199,15 +186,15 @@ def lsq(
             return search(k_search, x, cb, codes, train_ils)
 
         codes = lax.fori_loop(0, train_iters, alternate, codes)
-        return LSQParams(least_squares_codebooks(x, codes, k, regularization).astype(codebook_dtype))
+        return Codebook(least_squares_codebooks(x, codes, k, regularization).astype(codebook_dtype))
 
-    def encode(params: LSQParams, x: jax.Array) -> PQCodes:
+    def encode(params: Codebook, x: jax.Array) -> PQCodes:
         key = jax.random.key(seed)
         start = jax.random.randint(jax.random.fold_in(key, 0), (x.shape[0], num), 0, k)
         codes = search(jax.random.fold_in(key, 1), x, params.values(), start, encode_ils)
         return PQCodes(pack(codes.reshape(-1), width), (x.shape[0], num), width)
 
-    def decode(params: LSQParams, codes: PQCodes) -> jax.Array:
+    def decode(params: Codebook, codes: PQCodes) -> jax.Array:
         return reconstruct(params.values(), codes.unpacked())
 
     return Quantizer(fit, encode, decode)

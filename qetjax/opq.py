@@ -42,14 +42,13 @@ from qetjax.core import (
     Quantizer,
     Transform,
     check_int,
+    check_storage_dtype,
     pytree_dataclass,
     register_budget,
     register_method,
     transformed,
 )
 from qetjax.pq import default_subvector_dim, merge, pq, split
-
-_ROTATION_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @pytree_dataclass
@@ -147,12 +146,6 @@ def learn_rotation(
     return lax.fori_loop(0, iters, body, (r0, centroids))
 
 
-def _check_dtype(name: str, value: Any) -> str:
-    if value not in _ROTATION_DTYPES:
-        raise ValueError(f"{name} must be one of {_ROTATION_DTYPES}, got {value!r}")
-    return value
-
-
 @register_method("opq")
 def opq(
     subvector_dim: int,
@@ -202,7 +195,7 @@ def opq(
     pq_iters = check_int("pq_iters", pq_iters, 1)
     init_iters = check_int("init_iters", init_iters, 0)
     max_train = check_int("max_train_points", max_train_points, 1)
-    rdtype = _check_dtype("rotation_dtype", rotation_dtype)
+    rdtype = check_storage_dtype("rotation_dtype", rotation_dtype)
     if init_rotation not in ("random", "identity"):
         raise ValueError(f"init_rotation must be 'random' or 'identity', got {init_rotation!r}")
     inner = pq(d, k, False, codebook_dtype, codebook_bits, kmeans_iters, init, max_points_per_centroid)

@@ -32,15 +32,15 @@ import jax.numpy as jnp
 
 from qetjax import kmeans
 from qetjax.budget import largest_fitting
-from qetjax.core import Quantizer, check_int, pytree_dataclass, register_budget, register_method, static_field
+from qetjax.core import Quantizer, check_int, check_storage_dtype, pytree_dataclass, register_budget, register_method, static_field
 from qetjax.packing import code_width, pack, unpack
 
-_FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @pytree_dataclass
 class Codebook:
-    """A codebook ``[S, k, d]`` stored at a float dtype."""
+    """Codebook values stored at a float dtype (``[S, k, d]`` for PQ; RQ and LSQ
+    store their stage or additive codebooks in it too)."""
 
     codebook: jax.Array
 
@@ -164,8 +164,7 @@ def pq(
     d = check_int("subvector_dim", subvector_dim, 1)
     k = check_int("num_centroids", num_centroids, 1, 1 << 16)
     check_int("iters", iters, 0)
-    if codebook_dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"codebook_dtype must be one of {_FLOAT_DTYPES}, got {codebook_dtype!r}")
+    check_storage_dtype("codebook_dtype", codebook_dtype)
     if codebook_bits is not None:
         check_int("codebook_bits", codebook_bits, 1, 16)
     shared = bool(shared_codebook)

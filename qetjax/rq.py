@@ -33,24 +33,12 @@ from jax import lax
 
 from qetjax import kmeans
 from qetjax.budget import largest_fitting
-from qetjax.core import Quantizer, check_int, pytree_dataclass, register_budget, register_method, static_field
+from qetjax.core import Quantizer, check_int, check_storage_dtype, pytree_dataclass, register_budget, register_method, static_field
 from qetjax.packing import code_width, pack, unpack
-from qetjax.pq import split
+from qetjax.pq import Codebook, split
 
-_FLOAT_DTYPES = ("float16", "bfloat16", "float32")
 # Entries of the [rows, beam, max(k, d)] blocks of one chunk of rows.
 _BLOCK = 1 << 20
-
-
-@pytree_dataclass
-class RQParams:
-    """Codebooks ``[M, S, k, d]`` (stage, subspace, centroid, dim) at their stored dtype."""
-
-    codebook: jax.Array
-
-    def values(self) -> jax.Array:
-        """The codebooks as float32."""
-        return self.codebook.astype(jnp.float32)
 
 
 @pytree_dataclass
@@ -164,14 +152,13 @@ def rq(
     if subvector_dim is not None:
         check_int("subvector_dim", subvector_dim, 1)
     check_int("iters", iters, 0)
-    if codebook_dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"codebook_dtype must be one of {_FLOAT_DTYPES}, got {codebook_dtype!r}")
+    check_storage_dtype("codebook_dtype", codebook_dtype)
     width = code_width(k)
 
     def parts_of(x: jax.Array) -> jax.Array:
         return split(x, subvector_dim or x.shape[1])
 
-    def fit(key: jax.Array, x: jax.Array) -> RQParams:
+    def fit(key: jax.Array, x: jax.Array) -> Codebook:
         if k > x.shape[0]:
             raise ValueError(f"num_centroids={k} exceeds the {x.shape[0]} rows of x")
         def stage(resid: jax.Array, key_s: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -181,13 +168,13 @@ def rq(
             return resid - jnp.take_along_axis(c, codes[..., None], axis=1), c
 
         _, books = lax.scan(stage, parts_of(x), jax.random.split(key, stages))
-        return RQParams(books.astype(codebook_dtype))
+        return Codebook(books.astype(codebook_dtype))
 
-    def encode(params: RQParams, x: jax.Array) -> RQCodes:
+    def encode(params: Codebook, x: jax.Array) -> RQCodes:
         codes = beam_encode(parts_of(x), params.values(), beam).transpose(1, 0, 2)  # [n, S, M]
         return RQCodes(pack(codes.reshape(-1), width), tuple(codes.shape), width)
 
-    def decode(params: RQParams, codes: RQCodes) -> jax.Array:
+    def decode(params: Codebook, codes: RQCodes) -> jax.Array:
         return _reconstruct(params.values(), codes.unpacked())
 
     return Quantizer(fit, encode, decode)

@@ -35,6 +35,7 @@ from qetjax.core import (
     PRNGKey,
     Quantizer,
     check_int,
+    check_storage_dtype,
     pytree_dataclass,
     register_budget,
     register_method,
@@ -44,22 +45,11 @@ from qetjax.core import (
 
 Array = jax.Array
 
-SCALE_DTYPES = ("float16", "bfloat16", "float32")
 GRANULARITIES = ("tensor", "row", "group")
 MAX_BITS = 8
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _check_dtype(name: str, value: Any) -> str:
-    try:
-        dtype = jnp.dtype(value).name
-    except TypeError:
-        dtype = None
-    if dtype not in SCALE_DTYPES:
-        raise ValueError(f"{name} must be one of {SCALE_DTYPES}, got {value!r}")
-    return dtype
 
 
 def _round_up(v: Array, dtype: str) -> Array:
@@ -193,7 +183,7 @@ def rtn(
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
     granularity = _resolve_granularity(granularity, group_size)
-    scale_dtype = _check_dtype("scale_dtype", scale_dtype)
+    scale_dtype = check_storage_dtype("scale_dtype", scale_dtype)
     top = 2**bits - 1
 
     def fit(key: PRNGKey, x: Array) -> None:
@@ -402,7 +392,7 @@ def lloyd_max(bits: int, iters: int = 100, max_samples: int = 65536, codebook_dt
     bits = check_int("bits", bits, 1, MAX_BITS)
     iters = check_int("iters", iters, 0)
     max_samples = check_int("max_samples", max_samples, 1)
-    codebook_dtype = _check_dtype("codebook_dtype", codebook_dtype)
+    codebook_dtype = check_storage_dtype("codebook_dtype", codebook_dtype)
 
     def fit(key: PRNGKey, x: Array) -> LloydMaxParams:
         values = x.reshape(-1)
