@@ -13,7 +13,9 @@ of them (product quantization fits one codebook per column group).
   fuses with a running, strictly-improving minimum and its index into one
   vectorised loop (exact; ties go to the lowest index, like ``argmin``). On
   CPU this is several times faster than a matrix product followed by an
-  (``arg``)min, which XLA compiles to a slow variadic reduction.
+  (``arg``)min, which XLA compiles to a slow variadic reduction. Subvectors
+  wider than 32 use a matrix product per block of points instead, with the
+  same exact lowest-index tie rule.
 * Centroid sums by ``segment_sum``; empty clusters are re-seeded at the points
   farthest from their centroids (largest current error), so no centroid is
   wasted and the objective does not rise.
@@ -46,6 +48,8 @@ from qetjax.core import check_int
 _CHUNK = 4096
 # Multiply-adds unrolled per point in one step of the assignment loop.
 _UNROLL = 256
+# Subvectors wider than this are assigned by matrix products instead.
+_WIDE = 32
 
 
 class KMeansResult(NamedTuple):
@@ -104,14 +108,32 @@ def _nearest_block(xt: jax.Array, cm: jax.Array, c2: jax.Array, g: int) -> jax.A
     return lax.fori_loop(0, cm.shape[0] // g, step, jnp.zeros((m,), jnp.int32))
 
 
+def _nearest_block_matmul(xt: jax.Array, c: jax.Array, c2: jax.Array) -> jax.Array:
+    """Like :func:`_nearest_block` for wide subvectors: scores by one matrix product.
+
+    For ``d > _WIDE`` the unrolled scan would be a long program of gathers; a
+    ``[k, m]`` score block from a matrix product, its column minimum, and the
+    lowest index attaining it (two single-operand reductions) are faster. Ties
+    go to the lowest index.
+    """
+    k = c.shape[0]
+    scores = c2[:, None] - 2.0 * (c @ xt)
+    best = jnp.min(scores, axis=0, keepdims=True)
+    return jnp.min(jnp.where(scores == best, jnp.arange(k, dtype=jnp.int32)[:, None], k), axis=0)
+
+
 def _assign_one(xt: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Nearest centroid of the points ``xt[d, n]`` of one subspace: (idx[n], dist²[n])."""
     d, n = xt.shape
-    cm, c2, g = _prepare_centroids(c)
     m = min(n, _CHUNK)
     pad = -n % m
     blocks = jnp.pad(xt, ((0, 0), (0, pad)), mode="edge").reshape(d, -1, m).transpose(1, 0, 2)
-    idx = lax.map(lambda b: _nearest_block(b, cm, c2, g), blocks).reshape(-1)[:n]
+    if d > _WIDE:
+        c2 = jnp.sum(c * c, axis=1)
+        idx = lax.map(lambda b: _nearest_block_matmul(b, c, c2), blocks).reshape(-1)[:n]
+    else:
+        cm, c2, g = _prepare_centroids(c)
+        idx = lax.map(lambda b: _nearest_block(b, cm, c2, g), blocks).reshape(-1)[:n]
     return idx, jnp.sum((xt - c[idx].T) ** 2, axis=0)
 
 

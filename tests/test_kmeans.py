@@ -48,8 +48,9 @@ def test_never_worse_than_its_init(n, d, k, seed):
     assert bool(jnp.all(res.mse <= res.init_mse * (1 + 1e-6) + 1e-7))
 
 
-def test_assign_is_brute_force_argmin_with_ties_to_lowest_index():
-    x = _data(2, 2, 5000, 4)  # more points than one block
+@pytest.mark.parametrize("d", [4, 48])  # the unrolled scan, and matrix products for wide subvectors
+def test_assign_is_brute_force_argmin_with_ties_to_lowest_index(d):
+    x = _data(2, 2, 5000, d)  # more points than one block
     c = jnp.concatenate([x[:, :35], x[:, :35]], axis=1)  # k = 70: every centroid twice, padded groups
     codes, dist = kmeans.assign(x, c)
     ref = ((np.asarray(x, np.float64)[:, :, None] - np.asarray(c, np.float64)[:, None]) ** 2).sum(-1)
