@@ -22,6 +22,10 @@ of them (product quantization fits one codebook per column group).
 * Training points are subsampled to ``max_points_per_centroid * k`` per
   subspace, like faiss (stratified: one random point per equal run of points,
   which costs ``O(k)`` rather than a sort of all points).
+* Optionally progressive in dimension (faiss's ``ProgressiveDimClustering``,
+  used by its residual quantizer): PCA-rotate the points, cluster in the
+  leading 1, ..., d principal coordinates in turn, each step warm-started from
+  the last. In high dimension plain Lloyd tends to a degenerate solution.
 
 Deterministic for a fixed key.
 
@@ -122,13 +126,16 @@ def _nearest_block_matmul(xt: jax.Array, c: jax.Array, c2: jax.Array) -> jax.Arr
     return jnp.min(jnp.where(scores == best, jnp.arange(k, dtype=jnp.int32)[:, None], k), axis=0)
 
 
-def _assign_one(xt: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Nearest centroid of the points ``xt[d, n]`` of one subspace: (idx[n], dist²[n])."""
+def _assign_one(xt: jax.Array, c: jax.Array, matmul: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Nearest centroid of the points ``xt[d, n]`` of one subspace: (idx[n], dist²[n]).
+
+    Scores by matrix products if ``matmul`` or ``d > _WIDE``.
+    """
     d, n = xt.shape
     m = min(n, _CHUNK)
     pad = -n % m
     blocks = jnp.pad(xt, ((0, 0), (0, pad)), mode="edge").reshape(d, -1, m).transpose(1, 0, 2)
-    if d > _WIDE:
+    if matmul or d > _WIDE:
         c2 = jnp.sum(c * c, axis=1)
         idx = lax.map(lambda b: _nearest_block_matmul(b, c, c2), blocks).reshape(-1)[:n]
     else:
@@ -153,13 +160,13 @@ def assign(x: jax.Array, centroids: jax.Array) -> tuple[jax.Array, jax.Array]:
     return lax.map(lambda a: _assign_one(*a), (jnp.swapaxes(x, 1, 2), centroids))
 
 
-def _update(xt: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _update(xt: jax.Array, c: jax.Array, matmul: bool = False) -> tuple[jax.Array, jax.Array]:
     """One Lloyd step on ``xt[d, n]``; empty clusters move to the worst-fitted points.
 
     Returns the new centroids and the mean squared error of the old ones.
     """
     n, k = xt.shape[1], c.shape[0]
-    idx, dist = _assign_one(xt, c)
+    idx, dist = _assign_one(xt, c, matmul)
     sums = jax.ops.segment_sum(xt.T, idx, k)
     counts = jax.ops.segment_sum(jnp.ones((n,), xt.dtype), idx, k)
     empty = counts == 0
@@ -239,23 +246,80 @@ def _random_init(key: jax.Array, xt: jax.Array, k: int) -> jax.Array:
     return xt[:, _distinct(key, xt.shape[1], k)].T
 
 
-def _fit_one(key: jax.Array, xt: jax.Array, k: int, iters: int, init: str, max_points: int) -> KMeansResult:
-    """Subsample, initialise and run all Lloyd iterations on one subspace ``xt[d, n]``."""
-    n = xt.shape[1]
+def _pca(xt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean ``[d, 1]`` and principal axes ``[d, d]`` (columns, by decreasing variance) of ``xt[d, n]``."""
+    mean = jnp.mean(xt, axis=1, keepdims=True)
+    xc = xt - mean
+    axes = jnp.linalg.eigh(xc @ xc.T / xt.shape[1])[1]  # ascending eigenvalues
+    return mean, axes[:, ::-1]
+
+
+def progressive_dims(d: int, steps: int) -> list[int]:
+    """Leading dimensions clustered at each step: ``int(d ** ((1 + i) / steps))``, as faiss.
+
+    Example:
+        >>> progressive_dims(128, 10)
+        [1, 2, 4, 6, 11, 18, 29, 48, 78, 128]
+    """
+    return [max(1, int(d ** ((1 + i) / steps))) for i in range(steps - 1)] + [d]
+
+
+def _lloyd(
+    xt: jax.Array, c: jax.Array, passes: int, updates: int, matmul: bool = False
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``passes`` assignment passes over ``xt[d, n]`` in one loop (so the kernel is
+    compiled once), the first ``updates`` of which move the centroids ``c[k, d]``.
+
+    Returns the centroids and the mean squared error measured in the first and
+    the last pass.
+    """
+
+    def step(i: jax.Array, state: tuple) -> tuple:
+        c, first, _ = state
+        new, mse = _update(xt, c, matmul)
+        return jnp.where(i < updates, new, c), jnp.where(i == 0, mse, first), mse
+
+    zero = jnp.zeros((), jnp.float32)
+    return lax.fori_loop(0, passes, step, (c, zero, zero))
+
+
+def _fit_one(
+    key: jax.Array, xt: jax.Array, k: int, iters: int, init: str, max_points: int, steps: int | None
+) -> KMeansResult:
+    """Subsample, initialise and run all Lloyd iterations on one subspace ``xt[d, n]``.
+
+    With ``steps``, the points are first expressed in their principal axes and
+    step ``j`` runs ``iters`` Lloyd iterations on the leading
+    ``progressive_dims(d, steps)[j]`` coordinates only, starting from the
+    previous step's centroids zero-padded (consecutive steps of equal width
+    are merged). Zero-padding keeps the error over all coordinates unchanged,
+    so it never rises. The centroids are rotated back at the end. Every width
+    is assigned by matrix products: one unrolled kernel per width would take
+    seconds each to compile.
+    """
+    d, n = xt.shape
     k_sub, k_init = jax.random.split(key)
     if n > max_points:
         xt = xt[:, _stratified(k_sub, n, max_points)]
-    c = (_kmeanspp if init == "kmeans++" else _random_init)(k_init, xt, k)
+    initialise = _kmeanspp if init == "kmeans++" else _random_init
+    if not steps:
+        # iters + 1 passes: the last measures the returned centroids.
+        return KMeansResult(*_lloyd(xt, initialise(k_init, xt, k), iters + 1, iters))
 
-    # iters + 1 assignment passes (the last measures the returned centroids) in
-    # one loop, so the assignment kernel is compiled once.
-    def step(i: jax.Array, state: tuple) -> tuple:
-        c, init_mse, _ = state
-        new, mse = _update(xt, c)
-        return jnp.where(i < iters, new, c), jnp.where(i == 0, mse, init_mse), mse
-
-    zero = jnp.zeros((), jnp.float32)
-    return KMeansResult(*lax.fori_loop(0, iters + 1, step, (c, zero, zero)))
+    mean, axes = _pca(xt)
+    xt = axes.T @ (xt - mean)
+    energy = jnp.mean(xt * xt, axis=1)  # per coordinate; the error outside the clustered ones
+    dims = progressive_dims(d, steps)
+    widths = sorted(set(dims))
+    c, init_mse = initialise(k_init, xt[: dims[0]], k), None
+    for w in widths:
+        updates = iters * dims.count(w)
+        passes = updates + (w == d)  # one more pass measures the returned centroids
+        if passes:
+            c = jnp.pad(c, ((0, 0), (0, w - c.shape[1])))
+            c, first, mse = _lloyd(xt[:w], c, passes, updates, matmul=True)
+            init_mse = first + jnp.sum(energy[w:]) if init_mse is None else init_mse
+    return KMeansResult(c @ axes.T + mean.T, init_mse, mse)
 
 
 def fit(
@@ -265,6 +329,7 @@ def fit(
     iters: int = 25,
     init: str = "kmeans++",
     max_points_per_centroid: int = 256,
+    progressive_steps: int | None = None,
 ) -> jax.Array:
     """Fits ``k`` centroids in each of ``S`` subspaces.
 
@@ -272,15 +337,27 @@ def fit(
       key: PRNG key.
       x: ``[S, n, d]`` float32 training points (``n >= k``).
       k: number of centroids.
-      iters: Lloyd iterations (faiss's default is 25).
+      iters: Lloyd iterations (faiss's default is 25), per step when progressive.
       init: ``"kmeans++"`` or ``"random"``.
       max_points_per_centroid: train on at most ``k * max_points_per_centroid``
         points per subspace (a stratified random subsample), like faiss.
+      progressive_steps: ``None`` for plain Lloyd; else progressive-dimension
+        k-means like faiss's ``ProgressiveDimClustering``: the (subsampled)
+        points are PCA-rotated and clustered in their leading
+        :func:`progressive_dims` coordinates, growing over this many steps,
+        each warm-started from the last. In high dimension this avoids the
+        degenerate solutions plain Lloyd finds (one cluster near the mean
+        taking most points); faiss uses 10 steps of 10 iterations.
 
     Returns:
       ``[S, k, d]`` centroids.
+
+    Example:
+        >>> x = jax.random.normal(jax.random.key(0), (1, 2000, 64))
+        >>> fit(jax.random.key(1), x, 32, iters=10, progressive_steps=10).shape
+        (1, 32, 64)
     """
-    return fit_with_stats(key, x, k, iters, init, max_points_per_centroid).centroids
+    return fit_with_stats(key, x, k, iters, init, max_points_per_centroid, progressive_steps).centroids
 
 
 def fit_with_stats(
@@ -290,18 +367,22 @@ def fit_with_stats(
     iters: int = 25,
     init: str = "kmeans++",
     max_points_per_centroid: int = 256,
+    progressive_steps: int | None = None,
 ) -> KMeansResult:
     """Like :func:`fit`, also returning the training MSE after the first and last step.
 
     ``init_mse[S]`` is the mean squared error of the initial centroids (measured
     in the first Lloyd pass); ``mse[S]`` that of the returned centroids, never
-    larger.
+    larger (both over all coordinates of the subsampled points, also when
+    progressive: each step only lowers the full error).
     """
     if not hasattr(x, "ndim") or x.ndim != 3:
         raise ValueError(f"x must be 3-D [subspaces, points, dim], got shape {getattr(x, 'shape', None)}")
     k = check_int("k", k, 1)
     iters = check_int("iters", iters, 0)
     check_int("max_points_per_centroid", max_points_per_centroid, 1)
+    if progressive_steps is not None:
+        check_int("progressive_steps", progressive_steps, 1)
     if init not in ("kmeans++", "random"):
         raise ValueError(f"init must be 'kmeans++' or 'random', got {init!r}")
     if k > x.shape[1]:
@@ -309,4 +390,4 @@ def fit_with_stats(
     max_points = max(k, k * max_points_per_centroid)
     keys = jax.random.split(key, x.shape[0])
     xt = jnp.swapaxes(x, 1, 2)
-    return lax.map(lambda a: _fit_one(a[0], a[1], k, iters, init, max_points), (keys, xt))
+    return lax.map(lambda a: _fit_one(a[0], a[1], k, iters, init, max_points, progressive_steps), (keys, xt))

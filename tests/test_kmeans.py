@@ -41,11 +41,44 @@ def test_matches_numpy_lloyd_from_the_same_init():
 
 
 @settings(max_examples=4, deadline=None)
-@given(n=st.integers(9, 120), d=st.sampled_from([1, 3, 5]), k=st.sampled_from([2, 9]), seed=st.integers(0, 99))
-def test_never_worse_than_its_init(n, d, k, seed):
-    res = kmeans.fit_with_stats(jax.random.key(seed), _data(seed, 2, n, d), k, iters=4)
+@given(
+    n=st.integers(9, 120),
+    d=st.sampled_from([1, 3, 5]),
+    k=st.sampled_from([2, 9]),
+    steps=st.sampled_from([None, 4]),  # d < steps: repeated widths
+    seed=st.integers(0, 99),
+)
+def test_never_worse_than_its_init(n, d, k, steps, seed):
+    res = kmeans.fit_with_stats(jax.random.key(seed), _data(seed, 2, n, d), k, iters=4, progressive_steps=steps)
     assert res.centroids.shape == (2, k, d)
-    assert bool(jnp.all(res.mse <= res.init_mse * (1 + 1e-6) + 1e-7))
+    assert bool(jnp.all(res.mse <= res.init_mse * (1 + 1e-5) + 1e-6))
+
+
+def test_progressive_dims_like_faiss():
+    assert kmeans.progressive_dims(128, 10) == [1, 2, 4, 6, 11, 18, 29, 48, 78, 128]
+    assert kmeans.progressive_dims(1, 10) == [1] * 10
+    assert kmeans.progressive_dims(5, 1) == [5]
+
+
+@pytest.mark.parametrize("d", [1, 40])
+def test_progressive_reports_the_error_of_its_centroids(d):
+    # Centroids rotated back to the original coordinates; mse over all of them.
+    x = _data(5, 2, 300, d) * jnp.linspace(0.2, 3.0, d) + 1.0
+    res = kmeans.fit_with_stats(jax.random.key(2), x, 8, iters=3, progressive_steps=5)
+    _, dist = kmeans.assign(x, res.centroids)
+    np.testing.assert_allclose(res.mse, jnp.mean(dist, axis=1), rtol=1e-4)
+    assert bool(jnp.all(res.mse <= res.init_mse))
+
+
+def test_progressive_beats_plain_lloyd_on_residuals_in_high_dimension():
+    # Second-stage residuals (few points per centroid, 64-D): plain Lloyd from
+    # k-means++ ends with one cluster near the mean holding most points.
+    x = _data(6, 1, 1024, 64)
+    first = kmeans.fit(jax.random.key(0), x, 128, iters=10)
+    resid = x - first[0][kmeans.assign(x, first)[0][0]][None]
+    plain = kmeans.fit_with_stats(jax.random.key(0), resid, 128, iters=10)
+    progressive = kmeans.fit_with_stats(jax.random.key(0), resid, 128, iters=10, progressive_steps=10)
+    assert float(progressive.mse[0]) < 0.95 * float(plain.mse[0])
 
 
 @pytest.mark.parametrize("d", [4, 48])  # the unrolled scan, and matrix products for wide subvectors
@@ -60,10 +93,11 @@ def test_assign_is_brute_force_argmin_with_ties_to_lowest_index(d):
     np.testing.assert_allclose(dist, chosen, atol=1e-5)
 
 
-def test_deterministic_for_a_key():
+@pytest.mark.parametrize("steps", [None, 3])
+def test_deterministic_for_a_key(steps):
     x = _data(3, 2, 200, 2)
-    a = kmeans.fit(jax.random.key(7), x, 6)
-    b = kmeans.fit(jax.random.key(7), x, 6)
+    a = kmeans.fit(jax.random.key(7), x, 6, progressive_steps=steps)
+    b = kmeans.fit(jax.random.key(7), x, 6, progressive_steps=steps)
     np.testing.assert_array_equal(a, b)
 
 
@@ -102,3 +136,7 @@ def test_bad_inputs():
         kmeans.fit(jax.random.key(0), x, 2.5)
     with pytest.raises(ValueError, match="iters"):
         kmeans.fit(jax.random.key(0), x, 2, iters=-1)
+    with pytest.raises(ValueError, match="k=11"):
+        kmeans.fit(jax.random.key(0), x, 11, progressive_steps=3)
+    with pytest.raises(ValueError, match="progressive_steps"):
+        kmeans.fit(jax.random.key(0), x, 2, progressive_steps=0)
