@@ -5,12 +5,23 @@ sum of ``num_stages`` centroids, one from each stage's codebook::
 
     x ≈ C_0[b_0] + C_1[b_1] + ... + C_{M-1}[b_{M-1}]
 
-Training is greedy and stage-wise: stage ``m``'s codebook is k-means on the
-residuals left by stages ``0..m-1`` (each stage encoded greedily, against its
-*stored* codebook). Encoding is a beam search (Babenko & Lempitsky 2014; faiss's
+Encoding is a beam search (Babenko & Lempitsky 2014; faiss's
 ``max_beam_size``): ``beam_size`` partial encodings are kept; each stage extends
 every one by every centroid and keeps the ``beam_size`` with the smallest
 remaining error. ``beam_size=1`` is greedy encoding.
+
+Training follows faiss's ``ResidualQuantizer::train``: stage ``m``'s codebook is
+k-means on the residuals of *all* entries of the training beam (``n`` points at
+stage 0, up to ``n * beam_size`` later), by default progressive-dimension
+k-means (:func:`qetjax.kmeans.fit` with ``progressive_steps``; plain Lloyd
+degenerates on high-dimensional residuals), with codebooks rounded to their
+stored dtype; then the beam advances one stage with that codebook. With
+``beam_size > 1`` codebooks trained on all beam entries need not fit the
+training data better than greedily trained ones, for faiss as here; with few
+points per centroid ``train_beam="top"`` (train on each row's best entry,
+faiss's ``Train_top_beam``) is cheaper and fits better. On the first stages
+where fewer than ``beam_size`` entries exist, the missing ones count as
+copies of the best.
 
 Stored: ``num_stages * S`` codebooks ``[k, d]`` at ``codebook_dtype`` and
 ``n * S * num_stages`` codes of ``ceil(log2 k)`` bits, bit-packed.
@@ -55,35 +66,58 @@ class RQCodes:
         return unpack(self.codes, self.width, n * s * m).reshape(n, s, m).astype(jnp.int32)
 
 
+def _beam_step(resid: jax.Array, dist: jax.Array, c: jax.Array) -> tuple[jax.Array, ...]:
+    """Extends every entry of a beam by every centroid of ``c[k, d]`` and keeps the best.
+
+    ``resid[m, B, d]`` are the residuals of the ``B`` entries of each of ``m``
+    points and ``dist[m, B]`` their squared norms (``inf`` marks a placeholder
+    entry). Returns the new ``(resid, dist, parent, code)``, entries sorted by
+    increasing ``dist``; with fewer than ``B`` real candidates the rest stay
+    placeholders.
+    """
+    m, beam, _ = resid.shape
+    k = c.shape[0]
+    cand = (
+        jnp.sum(resid * resid, -1)[..., None]
+        - 2.0 * jnp.einsum("mbd,kd->mbk", resid, c)
+        + jnp.sum(c * c, -1)[None, None, :]
+    )
+    cand = jnp.where(jnp.isfinite(dist)[..., None], cand, jnp.inf).reshape(m, beam * k)
+    neg, flat = lax.top_k(-cand, beam)
+    parent, code = flat // k, flat % k
+    resid = jnp.take_along_axis(resid, parent[..., None], axis=1) - c[code]
+    return resid, -neg, parent, code
+
+
+def _initial_beam(x: jax.Array, beam: int) -> tuple[jax.Array, jax.Array]:
+    """The beam before the first stage: entry 0 is ``x[..., d]`` itself, the others placeholders."""
+    resid = jnp.broadcast_to(x[..., None, :], (*x.shape[:-1], beam, x.shape[-1]))
+    dist = jnp.broadcast_to(jnp.where(jnp.arange(beam) == 0, 0.0, jnp.inf), resid.shape[:-1])
+    return resid, dist
+
+
 def _beam_one(x: jax.Array, cb: jax.Array, beam: int) -> jax.Array:
     """Beam search of one chunk of points ``x[m, d]`` with codebooks ``cb[M, k, d]``.
 
     Returns the codes ``int32[m, M]`` of the best final beam entry.
     """
-    m, d = x.shape
-    stages, k, _ = cb.shape
-    resid = jnp.broadcast_to(x[:, None, :], (m, beam, d))
-    # Only entry 0 of the initial beam is real; the others are placeholders.
-    dist = jnp.where(jnp.arange(beam) == 0, 0.0, jnp.inf)[None, :].repeat(m, 0)
-    codes = jnp.zeros((m, beam, stages), jnp.int32)
+    stages = cb.shape[0]
+    resid, dist = _initial_beam(x, beam)
+    codes = jnp.zeros((x.shape[0], beam, stages), jnp.int32)
 
-    def stage(state: tuple, s: int) -> tuple[tuple, None]:
+    def stage(state: tuple, s: jax.Array) -> tuple[tuple, None]:
         resid, dist, codes = state
-        c = cb[s]
-        cand = (
-            jnp.sum(resid * resid, -1)[..., None]
-            - 2.0 * jnp.einsum("mbd,kd->mbk", resid, c)
-            + jnp.sum(c * c, -1)[None, None, :]
-        )
-        cand = jnp.where(jnp.isfinite(dist)[..., None], cand, jnp.inf).reshape(m, beam * k)
-        neg, flat = lax.top_k(-cand, beam)
-        parent, code = flat // k, flat % k
-        resid = jnp.take_along_axis(resid, parent[..., None], axis=1) - c[code]
+        resid, dist, parent, code = _beam_step(resid, dist, cb[s])
         codes = jnp.take_along_axis(codes, parent[..., None], axis=1).at[:, :, s].set(code)
-        return (resid, -neg, codes), None
+        return (resid, dist, codes), None
 
     (_, _, codes), _ = lax.scan(stage, (resid, dist, codes), jnp.arange(stages))
     return codes[:, 0]  # top_k sorts, so entry 0 is the best
+
+
+def _chunk_rows(n: int, beam: int, k: int, d: int) -> int:
+    """Rows per chunk so that a chunk's ``[rows, beam, max(k, d)]`` blocks stay small."""
+    return max(1, min(n, _BLOCK // (beam * max(k, d))))
 
 
 def beam_encode(parts: jax.Array, codebooks: jax.Array, beam_size: int) -> jax.Array:
@@ -93,8 +127,7 @@ def beam_encode(parts: jax.Array, codebooks: jax.Array, beam_size: int) -> jax.A
     ``[rows, beam, max(k, d)]`` blocks stay small.
     """
     s, n, d = parts.shape
-    k = codebooks.shape[2]
-    chunk = max(1, min(n, _BLOCK // (beam_size * max(k, d))))
+    chunk = _chunk_rows(n, beam_size, codebooks.shape[2], d)
     pad = -n % chunk
 
     def one_subspace(args: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -104,6 +137,22 @@ def beam_encode(parts: jax.Array, codebooks: jax.Array, beam_size: int) -> jax.A
         return codes.reshape(-1, codebooks.shape[0])[:n]
 
     return lax.map(one_subspace, (parts, codebooks.transpose(1, 0, 2, 3)))
+
+
+def _advance_beam(resid: jax.Array, dist: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One beam step of every point of every subspace: ``resid[S, n, B, d]``, ``dist[S, n, B]``, ``c[S, k, d]``."""
+    _, n, beam, d = resid.shape
+    chunk = _chunk_rows(n, beam, c.shape[1], d)
+    pad = -n % chunk
+
+    def one_subspace(args: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
+        r, dd, cs = args
+        r = jnp.pad(r, ((0, pad), (0, 0), (0, 0))).reshape(-1, chunk, beam, d)
+        dd = jnp.pad(dd, ((0, pad), (0, 0))).reshape(-1, chunk, beam)
+        r, dd = lax.map(lambda a: _beam_step(a[0], a[1], cs)[:2], (r, dd))
+        return r.reshape(-1, beam, d)[:n], dd.reshape(-1, beam)[:n]
+
+    return lax.map(one_subspace, (resid, dist, c))
 
 
 def _reconstruct(codebooks: jax.Array, codes: jax.Array) -> jax.Array:
@@ -123,9 +172,12 @@ def rq(
     beam_size: int = 1,
     subvector_dim: int | None = None,
     codebook_dtype: str = "float16",
-    iters: int = 25,
+    train: str = "progressive",
+    iters: int | None = None,
     init: str = "kmeans++",
     max_points_per_centroid: int = 256,
+    progressive_steps: int = 10,
+    train_beam: str = "all",
 ) -> Quantizer:
     """Residual quantizer of whole rows (or of subvectors), with beam-search encoding.
 
@@ -133,12 +185,20 @@ def rq(
       num_stages: number of stages ``M`` (codes per row or subvector).
       num_centroids: centroids per stage (``1..65536``); codes take
         ``ceil(log2 num_centroids)`` bits.
-      beam_size: encodings kept per stage during encoding (``1`` is greedy).
+      beam_size: encodings kept per stage, in training and in encoding (``1``
+        is greedy); faiss's ``max_beam_size``.
       subvector_dim: quantize each group of this many columns independently
         (one set of stage codebooks per group); ``None`` quantizes whole rows.
       codebook_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
-      iters, init, max_points_per_centroid: k-means settings of every stage
-        (see :func:`qetjax.kmeans.fit`).
+      train: each stage's k-means: ``"progressive"`` (faiss's default
+        progressive-dimension clustering) or ``"kmeans"`` (plain Lloyd).
+      iters: Lloyd iterations, per progressive step (default 10, as faiss) or
+        of plain k-means (default 25).
+      init, max_points_per_centroid, progressive_steps: k-means settings of
+        every stage (see :func:`qetjax.kmeans.fit`).
+      train_beam: the residuals a stage's codebook is trained on: ``"all"``
+        entries of the training beam (faiss's default) or only the ``"top"``
+        (best) entry of each row (faiss's ``Train_top_beam``).
 
     Returns:
       A :class:`~qetjax.core.Quantizer`.
@@ -151,8 +211,16 @@ def rq(
     beam = check_int("beam_size", beam_size, 1)
     if subvector_dim is not None:
         check_int("subvector_dim", subvector_dim, 1)
+    if train not in ("progressive", "kmeans"):
+        raise ValueError(f"train must be 'progressive' or 'kmeans', got {train!r}")
+    if train_beam not in ("all", "top"):
+        raise ValueError(f"train_beam must be 'all' or 'top', got {train_beam!r}")
+    if iters is None:
+        iters = 10 if train == "progressive" else 25
     check_int("iters", iters, 0)
+    check_int("progressive_steps", progressive_steps, 1)
     check_storage_dtype("codebook_dtype", codebook_dtype)
+    steps = progressive_steps if train == "progressive" else None
     width = code_width(k)
 
     def parts_of(x: jax.Array) -> jax.Array:
@@ -161,13 +229,20 @@ def rq(
     def fit(key: jax.Array, x: jax.Array) -> Codebook:
         if k > x.shape[0]:
             raise ValueError(f"num_centroids={k} exceeds the {x.shape[0]} rows of x")
-        def stage(resid: jax.Array, key_s: jax.Array) -> tuple[jax.Array, jax.Array]:
-            c = kmeans.fit(key_s, resid, k, iters, init, max_points_per_centroid)
-            c = c.astype(codebook_dtype).astype(jnp.float32)  # train on what is stored
-            codes = kmeans.assign(resid, c)[0]
-            return resid - jnp.take_along_axis(c, codes[..., None], axis=1), c
+        parts = parts_of(x)
+        s, n, d = parts.shape
 
-        _, books = lax.scan(stage, parts_of(x), jax.random.split(key, stages))
+        def stage(state: tuple[jax.Array, jax.Array], key_s: jax.Array) -> tuple[tuple, jax.Array]:
+            resid, dist = state  # [S, n, B, d], [S, n, B]
+            if train_beam == "top":
+                points = resid[:, :, 0]
+            else:  # placeholder entries (before the beam fills) count as the top entry
+                points = jnp.where(jnp.isfinite(dist)[..., None], resid, resid[:, :, :1]).reshape(s, n * beam, d)
+            c = kmeans.fit(key_s, points, k, iters, init, max_points_per_centroid, steps)
+            c = c.astype(codebook_dtype).astype(jnp.float32)  # train on what is stored
+            return _advance_beam(resid, dist, c), c
+
+        _, books = lax.scan(stage, _initial_beam(parts, beam), jax.random.split(key, stages))
         return Codebook(books.astype(codebook_dtype))
 
     def encode(params: Codebook, x: jax.Array) -> RQCodes:

@@ -149,6 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2048x128 subsets, fewer OPQ/LSQ iterations")
     parser.add_argument("--methods", default="", help="comma-separated name prefixes to run (default: all)")
+    parser.add_argument("--data", default="", help="comma-separated dataset name prefixes to run (default: all)")
     parser.add_argument("--faiss-threads", type=int, default=0, help="faiss OpenMP threads (0: faiss's default)")
     args = parser.parse_args()
     if args.faiss_threads:
@@ -159,7 +160,10 @@ def main() -> None:
           "| fit s (qetjax / faiss) | encode s | decode s | qetjax compile s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    data = [d.strip() for d in args.data.split(",") if d.strip()]
     for dname, x in datasets(args.quick).items():
+        if data and not any(dname.startswith(d) for d in data):
+            continue
         for mname, (q, fq) in methods(x.shape[1], args.quick).items():
             if wanted and not any(mname.startswith(w) for w in wanted):
                 continue
