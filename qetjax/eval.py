@@ -262,8 +262,16 @@ def setup(sentences: int = 128, max_length: int = 64, calib_sentences: int = 64)
 def dense_inputs(params: Any, batch: dict) -> dict[str, np.ndarray]:
     """Inputs ``[real tokens, in]`` of every linear layer on ``batch``, by kernel path.
 
-    Captured with ``flax.linen.intercept_methods`` from the fp32 model (padding rows dropped).
+    Captured with ``flax.linen.intercept_methods`` in one jit-compiled forward pass of the model
+    ``params`` (padding rows dropped).
     """
+    captured = _captured_inputs(params, {k: jnp.asarray(batch[k]) for k in BATCH_KEYS})
+    real = np.asarray(batch["attention_mask"]).reshape(-1) != 0
+    return {k: np.asarray(v).reshape(-1, v.shape[-1])[real] for k, v in captured.items()}
+
+
+@jax.jit
+def _captured_inputs(params: Any, batch: dict) -> dict[str, jax.Array]:
     import flax.linen as nn
 
     captured = {}
@@ -274,9 +282,8 @@ def dense_inputs(params: Any, batch: dict) -> dict[str, np.ndarray]:
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
-        minilm.encode(params, **{k: jnp.asarray(batch[k]) for k in BATCH_KEYS})
-    real = np.asarray(batch["attention_mask"]).reshape(-1) != 0
-    return {k: np.asarray(v).reshape(-1, v.shape[-1])[real] for k, v in captured.items()}
+        minilm.encode(params, **batch)
+    return captured
 
 
 def _selected(params: Any, target: str) -> dict[str, Any]:
@@ -294,7 +301,7 @@ def _gptq_group(q: Any) -> int:
 
 
 def quantize_model(params: Any, config: Config, target: str, bits_per_weight: float, *, layout: str | None = None,
-                   calib: dict | None = None, key: jax.Array | None = None) -> Any:
+                   calib: dict | None = None, key: jax.Array | None = None, sequential: bool = True) -> Any:
     """Quantizes the ``target`` leaves of ``params`` with ``config`` at ``bits_per_weight`` per leaf.
 
     Args:
@@ -305,6 +312,9 @@ def quantize_model(params: Any, config: Config, target: str, bits_per_weight: fl
       layout: ``"out_in"`` or ``"in_out"`` (default :data:`LAYOUT` ``[target]``).
       calib: tokenized calibration batch, needed for GPTQ (whose inputs :func:`dense_inputs` captures).
       key: PRNG key (default ``jax.random.key(0)``).
+      sequential: GPTQ's calibration inputs of each stage of kernels (:func:`gptq_stages`) come from
+        the model whose earlier stages are already quantized (GPTQ's procedure); ``False`` takes
+        all inputs from the fp32 model.
 
     Returns:
       The quantized tree (other leaves kept).
@@ -322,10 +332,43 @@ def quantize_model(params: Any, config: Config, target: str, bits_per_weight: fl
         return quantize_tree(key, params, lambda p, x: policy.get(p), layout=layout, progress=False)
     if layout != "out_in" or calib is None:
         raise ValueError("GPTQ quantizes [out, in] kernels on calibration inputs: needs layout='out_in' and calib")
-    inputs = dense_inputs(params, calib)
-    done = {p: as_transposed(gptq.quantize(q, leaf_key(key, p), jnp.asarray(leaves[p]).T, inputs[p], _gptq_group(q)))
-            for p, q in policy.items()}
+    done: dict[str, Any] = {}
+    for stage in gptq_stages(policy) if sequential else [list(policy)]:
+        current = jax.tree_util.tree_map_with_path(lambda p, x: _decoded(done.get(path_str(p)), x), params)
+        inputs = dense_inputs(current, calib)
+        for p in stage:
+            q = policy[p]
+            done[p] = as_transposed(gptq.quantize(q, leaf_key(key, p), jnp.asarray(leaves[p]).T, inputs[p], _gptq_group(q)))
     return jax.tree_util.tree_map_with_path(lambda p, x: done.get(path_str(p), x), params)
+
+
+def _decoded(qa: Any, x: Any) -> Any:
+    return x if qa is None else qetjax.dequantize(qa)
+
+
+def gptq_stages(paths: Sequence[str]) -> list[list[str]]:
+    """``paths`` of linear kernels grouped in the order their inputs are computed by the encoder.
+
+    Kernels reading the same input form one stage (a layer's query, key and value); stages are
+    ordered by layer, then attention projections, attention output, MLP intermediate, MLP output.
+
+    Example:
+        >>> gptq_stages(["encoder/layer_0/mlp/output/kernel", "encoder/layer_0/attention/key/kernel"])
+        [['encoder/layer_0/attention/key/kernel'], ['encoder/layer_0/mlp/output/kernel']]
+    """
+    order = ("attention/(query|key|value)", "attention/output", "mlp/intermediate", "mlp/output")
+
+    def rank(p: str) -> tuple[int, int]:
+        layer = re.search(r"layer_(\d+)/", p)
+        sub = [i for i, pattern in enumerate(order) if re.search(f"/{pattern}/kernel$", p)]
+        if layer is None or not sub:
+            raise ValueError(f"not a MiniLM linear kernel: {p}")
+        return int(layer.group(1)), sub[0]
+
+    stages: dict[tuple[int, int], list[str]] = {}
+    for p in sorted(paths, key=lambda p: (rank(p), p)):
+        stages.setdefault(rank(p), []).append(p)
+    return list(stages.values())
 
 
 def weight_rows(s: Setup, configs: Sequence[Config], budgets: Sequence[float], targets: Sequence[str] = tuple(TARGETS),

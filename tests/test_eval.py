@@ -105,6 +105,38 @@ def test_dense_inputs_and_gptq_on_two_kernels(model, monkeypatch):
         ev.quantize_model(params, ev.Config("lloyd_max", (), True), "two", 3.25, calib=batch)
 
 
+def test_gptq_stages_follow_the_encoder():
+    paths = [f"encoder/layer_{i}/{m}/kernel" for i in (1, 0) for m in
+             ("mlp/output", "attention/value", "mlp/intermediate", "attention/output", "attention/query", "attention/key")]
+    stages = ev.gptq_stages(paths)
+    assert stages[0] == [f"encoder/layer_0/attention/{m}/kernel" for m in ("key", "query", "value")]
+    assert [s[0].split("/", 2)[2] for s in stages[1:4]] == ["attention/output/kernel", "mlp/intermediate/kernel", "mlp/output/kernel"]
+    assert len(stages) == 8 and sorted(sum(stages, [])) == sorted(paths) and stages[4][0].startswith("encoder/layer_1/")
+    with pytest.raises(ValueError, match="MiniLM"):
+        ev.gptq_stages(["embeddings/word_embeddings/embedding"])
+
+
+def test_sequential_gptq_takes_inputs_from_the_quantized_model(model, monkeypatch):
+    params, batches, _ = model
+    batch = {k: getattr(batches, k)[0] for k in ev.BATCH_KEYS}
+    monkeypatch.setitem(ev.TARGETS, "two", r"layer_0/attention/(value|output)/kernel$")
+    monkeypatch.setitem(ev.LAYOUT, "two", "out_in")
+    config = ev.Config("rtn", (("group_size", 128),), True)
+    seq = ev.quantize_model(params, config, "two", 3.25, calib=batch)
+    flat = ev.quantize_model(params, config, "two", 3.25, calib=batch, sequential=False)
+    att = lambda t, name: t["encoder"]["layer_0"]["attention"][name]["kernel"]
+    codes = lambda qa: np.asarray(qa.codes.inner.codes)
+    np.testing.assert_array_equal(codes(att(seq, "value")), codes(att(flat, "value")))  # first stage: fp32 inputs
+    partial = jax.tree_util.tree_map(lambda x: x, params)
+    partial["encoder"]["layer_0"]["attention"]["value"]["kernel"] = qetjax.dequantize(att(seq, "value"))
+    path = "encoder/layer_0/attention/output/kernel"
+    x = ev.dense_inputs(partial, batch)[path]
+    q = qetjax.for_budget("rtn", (384, 384), 3.25, group_size=128)
+    expect = qetjax.gptq.quantize(q, qetjax.tree.leaf_key(jax.random.key(0), path), att(params, "output").T, x, 128)
+    np.testing.assert_array_equal(codes(att(seq, "output")), np.asarray(expect.codes.codes))
+    assert not np.array_equal(codes(att(seq, "output")), codes(att(flat, "output")))
+
+
 def test_cli_minilm_quick(capsys):
     from qetjax import cli
 
