@@ -43,8 +43,17 @@ import jax.numpy as jnp
 from jax import lax
 
 from qetjax import kmeans
-from qetjax.budget import largest_fitting
-from qetjax.core import Quantizer, check_int, check_storage_dtype, pytree_dataclass, register_budget, register_method, static_field
+from qetjax.budget import budget_bits
+from qetjax.core import (
+    Quantizer,
+    check_int,
+    check_storage_dtype,
+    pytree_dataclass,
+    register_budget,
+    register_method,
+    static_field,
+    stored_bits,
+)
 from qetjax.packing import code_width, pack, unpack
 from qetjax.pq import Codebook, split
 
@@ -255,17 +264,75 @@ def rq(
     return Quantizer(fit, encode, decode)
 
 
+# The budget solver's grid: subvector widths (besides whole rows) and codebook sizes.
+_BUDGET_DIMS = (8, 16, 32, 64)
+_BUDGET_CENTROIDS = (16, 32, 64, 128, 256)
+_MAX_STAGES = 256
+
+
+def _stored_size(shape: tuple[int, int], stages: int, k: int, d: int | None, codebook_dtype: str) -> int:
+    """Stored bits of ``rq(stages, k, subvector_dim=d)`` on ``shape``: packed codes + codebooks.
+
+    The budget solver checks its choice against :func:`qetjax.core.stored_bits`.
+    """
+    n, width = shape
+    codes = -(-n * (width // (d or width)) * stages * code_width(k) // 32) * 32
+    return codes + stages * k * width * jnp.dtype(codebook_dtype).itemsize * 8
+
+
 @register_budget("rq")
 def rq_for_budget(
-    shape: tuple[int, int], bits_per_element: float, num_centroids: int = 256, **options: Any
+    shape: tuple[int, int], bits_per_element: float, num_centroids: int | None = None, **options: Any
 ) -> Quantizer:
-    """The RQ with the most stages whose stored size fits the budget.
+    """The RQ with the most code bits per element that fits the budget.
+
+    Searches ``num_centroids`` in 16, 32, ..., 256 and ``subvector_dim`` in
+    8, 16, 32, 64 (those dividing the width) and whole rows, each with the most
+    stages that fit, and keeps the one whose codes carry the most bits per
+    element (``stages * log2(num_centroids) / subvector_dim``); ties go to the
+    smaller stored size (fewer codebook bits). Codebooks cost
+    ``num_centroids * width * 16`` bits per stage whatever the subvector
+    width, so on small matrices only small codebooks fit; the code rate is the
+    rate-distortion rate, while codebook bits describe no row.
 
     Args:
       shape: matrix shape.
       bits_per_element: budget (codes + codebooks).
-      num_centroids: centroids per stage (256 by default, faiss's usual 8 bits).
-      **options: other :func:`rq` arguments (``beam_size``, ``subvector_dim``, ...).
+      num_centroids: fix the centroids per stage instead of searching.
+      **options: other :func:`rq` arguments (``beam_size``, ...); a given
+        ``subvector_dim`` (``None``: whole rows) is kept instead of searched.
+
+    Raises:
+      ValueError: no configuration fits the budget.
+
+    Example:
+        >>> q = rq_for_budget((384, 384), 2.0)
+        >>> {k: v for k, v in q.spec.args if k in ("num_stages", "num_centroids", "subvector_dim")}
+        {'num_stages': 1, 'num_centroids': 32, 'subvector_dim': 8}
     """
-    stages = list(range(1, 257))
-    return largest_fitting(lambda m: rq(m, num_centroids, **options), stages, shape, bits_per_element)
+    width, limit = shape[1], budget_bits(shape, bits_per_element)
+    dtype = options.get("codebook_dtype", "float16")
+    if "subvector_dim" in options:
+        dims = [options.pop("subvector_dim")]
+    else:
+        dims = [d for d in _BUDGET_DIMS if d < width and width % d == 0] + [None]
+    ks = [num_centroids] if num_centroids is not None else list(_BUDGET_CENTROIDS)
+    best, best_score = None, None
+    for d in dims:
+        for k in ks:
+            fitting = [m for m in range(1, _MAX_STAGES + 1) if _stored_size(shape, m, k, d, dtype) <= limit]
+            if fitting:
+                m = fitting[-1]
+                score = (m * code_width(k) / (d or width), -_stored_size(shape, m, k, d, dtype))
+                if best_score is None or score > best_score:
+                    best, best_score = (m, k, d), score
+    if best is None:
+        raise ValueError(
+            f"bits_per_element={bits_per_element} is too small for an RQ of shape {tuple(shape)} "
+            f"(num_centroids in {ks}, subvector_dim in {dims})"
+        )
+    m, k, d = best
+    q = rq(m, k, subvector_dim=d, **options)
+    if stored_bits(q, shape) != -best_score[1]:
+        raise AssertionError(f"rq stored size {stored_bits(q, shape)} != {-best_score[1]} computed by the solver")
+    return q

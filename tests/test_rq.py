@@ -99,10 +99,39 @@ def test_deterministic_and_jit_matches_eager():
     np.testing.assert_allclose(e_eager, float(jnp.mean((a - x) ** 2)), rtol=1e-2)
 
 
-def test_budget_fits():
-    q = qetjax.for_budget("rq", (4096, 64), 2.0, beam_size=2)
+@pytest.mark.parametrize("shape, budget", [((1536, 384), 3.0), ((384, 384), 2.0), ((256, 96), 4.0)])
+def test_budget_picks_the_most_code_bits_that_fit(shape, budget):
+    n, w = shape
+    limit = budget * n * w
+    q = qetjax.for_budget("rq", shape, budget, beam_size=2)
+    args = dict(q.spec.args)
+    m, k, d = args["num_stages"], args["num_centroids"], args["subvector_dim"] or w
+    assert args["beam_size"] == 2
+    assert stored_bits(q, shape) <= limit
+    assert stored_bits(rq(m + 1, k, subvector_dim=args["subvector_dim"]), shape) > limit
+
+    def size(m, k, d):  # packed codes + float16 codebooks
+        return -(-n * (w // d) * m * code_width(k) // 32) * 32 + m * k * w * 16
+
+    rates = [
+        mm * code_width(kk) / dd
+        for dd in [8, 16, 32, 64, w]
+        if w % dd == 0
+        for kk in [16, 32, 64, 128, 256]
+        for mm in range(1, 65)
+        if size(mm, kk, dd) <= limit
+    ]
+    assert m * code_width(k) / d == max(rates)
+
+
+def test_budget_keeps_given_options():
+    q = qetjax.for_budget("rq", (4096, 64), 2.0, num_centroids=256, subvector_dim=None)
+    args = dict(q.spec.args)
+    assert (args["num_centroids"], args["subvector_dim"]) == (256, None)
     assert stored_bits(q, (4096, 64)) <= 2 * 4096 * 64
-    assert stored_bits(rq(dict(q.spec.args)["num_stages"] + 1, 256, 2), (4096, 64)) > 2 * 4096 * 64
+    assert stored_bits(rq(args["num_stages"] + 1, 256), (4096, 64)) > 2 * 4096 * 64
+    with pytest.raises(ValueError, match="too small"):
+        qetjax.for_budget("rq", (16, 16), 0.5)
 
 
 @pytest.mark.parametrize(
