@@ -167,11 +167,15 @@ def _advance_beam(resid: jax.Array, dist: jax.Array, c: jax.Array) -> tuple[jax.
 def _reconstruct(codebooks: jax.Array, codes: jax.Array) -> jax.Array:
     """Sum over stages: ``codebooks[M, S, k, d]``, ``codes int32[n, S, M]`` -> ``[n, S * d]``.
 
-    One row gather from the flattened codebooks (``(m * S + s) * k + code``).
+    One ``[n, S, d]`` gather-and-add per stage (a single gather of all stages
+    followed by a sum materialises ``[n, S, M, d]`` and is ~20x slower on CPU).
     """
-    stages, s, k, d = codebooks.shape
-    offsets = (jnp.arange(stages, dtype=jnp.int32)[None, :] * s + jnp.arange(s, dtype=jnp.int32)[:, None]) * k
-    return codebooks.reshape(-1, d)[codes + offsets[None]].sum(2).reshape(codes.shape[0], s * d)
+    stages, s, _, d = codebooks.shape
+    sub = jnp.arange(s, dtype=jnp.int32)[None, :]
+    out = codebooks[0][sub, codes[:, :, 0]]
+    for m in range(1, stages):
+        out = out + codebooks[m][sub, codes[:, :, m]]
+    return out.reshape(codes.shape[0], s * d)
 
 
 @register_method("rq")

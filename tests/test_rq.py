@@ -67,6 +67,7 @@ def test_greedy_training_is_the_same_on_all_or_top_beam_entries():
 @pytest.mark.parametrize("beam", [1, 3])
 def test_mse_matches_faiss(beam):
     faiss = pytest.importorskip("faiss")
+    faiss.omp_set_num_threads(1)  # its OpenMP threads spin on a loaded machine
     x = np.asarray(jax.random.normal(jax.random.key(3), (1024, 32))) * np.linspace(0.3, 2, 32, dtype=np.float32)
     ref = faiss.ResidualQuantizer(32, 3, 5)
     ref.max_beam_size = beam
