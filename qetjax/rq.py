@@ -21,7 +21,10 @@ training data better than greedily trained ones, for faiss as here; with few
 points per centroid ``train_beam="top"`` (train on each row's best entry,
 faiss's ``Train_top_beam``) is cheaper and fits better. On the first stages
 where fewer than ``beam_size`` entries exist, the missing ones count as
-copies of the best.
+copies of the best. Optionally (``refine_iters``, off by default) all stage
+codebooks are then refined jointly by least squares given the codes, kept
+only while re-encoding lowers the training error (like faiss's
+``Train_refine_codebook``, which keeps them unconditionally).
 
 Stored: ``num_stages * S`` codebooks ``[k, d]`` at ``codebook_dtype`` and
 ``n * S * num_stages`` codes of ``ceil(log2 k)`` bits, bit-packed.
@@ -54,11 +57,15 @@ from qetjax.core import (
     static_field,
     stored_bits,
 )
+from qetjax.lsq import least_squares_codebooks
 from qetjax.packing import code_width, pack, unpack
 from qetjax.pq import Codebook, split
 
 # Entries of the [rows, beam, max(k, d)] blocks of one chunk of rows.
 _BLOCK = 1 << 20
+# Ridge of the joint least-squares codebook refinement (as in qetjax.lsq; the
+# code matrix is rank deficient: each stage's one-hot columns sum to ones).
+_REFINE_RIDGE = 1e-3
 
 
 @pytree_dataclass
@@ -178,6 +185,35 @@ def _reconstruct(codebooks: jax.Array, codes: jax.Array) -> jax.Array:
     return out.reshape(codes.shape[0], s * d)
 
 
+def _refine(x: jax.Array, parts: jax.Array, books: jax.Array, beam: int, rounds: int, dtype: str) -> jax.Array:
+    """Joint least-squares refinement of all stage codebooks ``books[M, S, k, d]``.
+
+    Each round encodes the training rows ``x`` (``parts[S, n, d]`` by subspace),
+    solves for the codebooks that best reconstruct them with those codes (all
+    stages at once, ridge ``_REFINE_RIDGE``), rounds them to ``dtype`` and
+    re-encodes; the new codebooks are kept only if the training error fell,
+    and the rounds stop at the first that does not lower it.
+    """
+    k = books.shape[2]
+
+    def encoded(books: jax.Array) -> tuple[jax.Array, jax.Array]:
+        codes = beam_encode(parts, books, beam)  # [S, n, M]
+        return codes, jnp.sum((_reconstruct(books, codes.transpose(1, 0, 2)) - x) ** 2)
+
+    def body(state: tuple) -> tuple:
+        i, books, codes, err, _ = state
+        new = lax.map(lambda a: least_squares_codebooks(a[0], a[1], k, _REFINE_RIDGE), (parts, codes))
+        new = new.transpose(1, 0, 2, 3).astype(dtype).astype(jnp.float32)
+        new_codes, new_err = encoded(new)
+        better = new_err < err
+        keep = lambda a, b: jnp.where(better, a, b)  # noqa: E731
+        return i + 1, keep(new, books), keep(new_codes, codes), jnp.minimum(new_err, err), better
+
+    codes, err = encoded(books)
+    state = (0, books, codes, err, jnp.array(True))
+    return lax.while_loop(lambda st: (st[0] < rounds) & st[4], body, state)[1]
+
+
 @register_method("rq")
 def rq(
     num_stages: int,
@@ -191,6 +227,7 @@ def rq(
     max_points_per_centroid: int = 256,
     progressive_steps: int = 10,
     train_beam: str = "all",
+    refine_iters: int = 0,
 ) -> Quantizer:
     """Residual quantizer of whole rows (or of subvectors), with beam-search encoding.
 
@@ -232,6 +269,7 @@ def rq(
         iters = 10 if train == "progressive" else 25
     check_int("iters", iters, 0)
     check_int("progressive_steps", progressive_steps, 1)
+    check_int("refine_iters", refine_iters, 0)
     check_storage_dtype("codebook_dtype", codebook_dtype)
     steps = progressive_steps if train == "progressive" else None
     width = code_width(k)
@@ -256,6 +294,8 @@ def rq(
             return _advance_beam(resid, dist, c), c
 
         _, books = lax.scan(stage, _initial_beam(parts, beam), jax.random.split(key, stages))
+        if refine_iters:
+            books = _refine(x, parts, books, beam, refine_iters, codebook_dtype)
         return Codebook(books.astype(codebook_dtype))
 
     def encode(params: Codebook, x: jax.Array) -> RQCodes:
