@@ -39,8 +39,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from qetjax.budget import largest_fitting
-from qetjax.core import Quantizer, check_int, check_storage_dtype, pytree_dataclass, register_budget, register_method
+from qetjax.budget import budget_bits, largest_fitting
+from qetjax.core import (
+    Quantizer,
+    check_int,
+    check_storage_dtype,
+    pytree_dataclass,
+    register_budget,
+    register_method,
+    stored_bits,
+)
 from qetjax.packing import code_width, pack
 from qetjax.pq import Codebook, PQCodes
 
@@ -200,16 +208,47 @@ def lsq(
     return Quantizer(fit, encode, decode)
 
 
+# Codebook sizes the budget solver searches.
+_BUDGET_CENTROIDS = (16, 32, 64, 128, 256)
+
+
 @register_budget("lsq")
 def lsq_for_budget(
-    shape: tuple[int, int], bits_per_element: float, num_centroids: int = 256, **options: Any
+    shape: tuple[int, int], bits_per_element: float, num_centroids: int | None = None, **options: Any
 ) -> Quantizer:
-    """The LSQ with the most codebooks whose stored size fits the budget.
+    """The LSQ with the most code bits per element that fits the budget.
+
+    Searches ``num_centroids`` in 16, 32, ..., 256 (at most the rows), each
+    with the most codebooks that fit, and keeps the one whose codes carry the
+    most bits (``num_codebooks * log2(num_centroids)`` per row); ties go to
+    the smaller stored size. Each codebook costs ``num_centroids * width * 16`` bits, so
+    small matrices only afford small ones.
 
     Args:
       shape: matrix shape.
       bits_per_element: budget (codes + codebooks).
-      num_centroids: centroids per codebook (256 by default).
+      num_centroids: fix the centroids per codebook instead of searching.
       **options: other :func:`lsq` arguments.
+
+    Raises:
+      ValueError: no configuration fits the budget.
     """
-    return largest_fitting(lambda m: lsq(m, num_centroids, **options), list(range(1, 257)), shape, bits_per_element)
+    limit = budget_bits(shape, bits_per_element)
+    ks = [num_centroids] if num_centroids is not None else [k for k in _BUDGET_CENTROIDS if k <= shape[0]]
+    best, best_score = None, None
+    for k in ks:
+        one = stored_bits(lsq(1, k, **options), shape)
+        if one > limit:
+            continue
+        # Codes share 32-bit words, so each codebook adds at least one - 31 bits.
+        top = min(256, int(limit // max(one - 31, 1)))
+        q = largest_fitting(lambda m, k=k: lsq(m, k, **options), range(1, top + 1), shape, bits_per_element)
+        score = (dict(q.spec.args)["num_codebooks"] * code_width(k), -stored_bits(q, shape))
+        if best_score is None or score > best_score:
+            best, best_score = q, score
+    if best is None:
+        raise ValueError(
+            f"bits_per_element={bits_per_element} is too small for an LSQ of shape {tuple(shape)} "
+            f"(num_centroids in {ks})"
+        )
+    return best

@@ -330,14 +330,14 @@ def rq_for_budget(
 ) -> Quantizer:
     """The RQ with the most code bits per element that fits the budget.
 
-    Searches ``num_centroids`` in 16, 32, ..., 256 and ``subvector_dim`` in
-    8, 16, 32, 64 (those dividing the width) and whole rows, each with the most
-    stages that fit, and keeps the one whose codes carry the most bits per
-    element (``stages * log2(num_centroids) / subvector_dim``); ties go to the
-    smaller stored size (fewer codebook bits). Codebooks cost
-    ``num_centroids * width * 16`` bits per stage whatever the subvector
-    width, so on small matrices only small codebooks fit; the code rate is the
-    rate-distortion rate, while codebook bits describe no row.
+    Searches ``num_centroids`` in 16, 32, ..., 256 (at most the rows) and
+    ``subvector_dim`` in 8, 16, 32, 64 (those dividing the width) and whole
+    rows, each with the most stages that fit, and keeps the one whose codes
+    carry the most bits per element (``stages * log2(num_centroids) /
+    subvector_dim``); ties go to the smaller stored size (fewer codebook
+    bits). Codebooks cost ``num_centroids * width * 16`` bits per stage
+    whatever the subvector width, so on small matrices only small codebooks
+    fit. The code rate is what buys distortion; codebook bits describe no row.
 
     Args:
       shape: matrix shape.
@@ -360,7 +360,7 @@ def rq_for_budget(
         dims = [options.pop("subvector_dim")]
     else:
         dims = [d for d in _BUDGET_DIMS if d < width and width % d == 0] + [None]
-    ks = [num_centroids] if num_centroids is not None else list(_BUDGET_CENTROIDS)
+    ks = [num_centroids] if num_centroids is not None else [k for k in _BUDGET_CENTROIDS if k <= shape[0]]
     best, best_score = None, None
     for d in dims:
         for k in ks:

@@ -7,6 +7,7 @@ import pytest
 
 import qetjax
 from qetjax.core import stored_bits
+from qetjax.packing import code_width
 from qetjax.lsq import least_squares_codebooks, local_search, lsq, reconstruct
 
 KEY = jax.random.key(0)
@@ -66,10 +67,29 @@ def test_deterministic_and_jit_matches_eager(fitted):
     np.testing.assert_allclose(a, eager, atol=1e-4)
 
 
-def test_budget_fits():
-    q = qetjax.for_budget("lsq", (4096, 64), 2.0)
+@pytest.mark.parametrize("shape, budget", [((4096, 64), 2.0), ((384, 384), 2.0), ((1536, 384), 3.0)])
+def test_budget_picks_the_most_code_bits_that_fit(shape, budget):
+    n, w = shape
+    limit = budget * n * w
+    q = qetjax.for_budget("lsq", shape, budget, train_iters=3)
+    args = dict(q.spec.args)
+    m, k = args["num_codebooks"], args["num_centroids"]
+    assert q.spec.name == "lsq" and args["train_iters"] == 3
+    assert stored_bits(q, shape) <= limit < stored_bits(lsq(m + 1, k), shape)
+
+    def size(m, k):  # packed codes + float16 codebooks
+        return -(-n * m * code_width(k) // 32) * 32 + m * k * w * 16
+
+    rates = [mm * code_width(kk) for kk in [16, 32, 64, 128, 256] for mm in range(1, 257) if size(mm, kk) <= limit]
+    assert m * code_width(k) == max(rates)
+
+
+def test_budget_fixed_centroids_and_too_small():
+    q = qetjax.for_budget("lsq", (4096, 64), 2.0, num_centroids=256)
+    assert dict(q.spec.args)["num_centroids"] == 256
     assert stored_bits(q, (4096, 64)) <= 2 * 4096 * 64
-    assert q.spec.name == "lsq"
+    with pytest.raises(ValueError, match="too small"):
+        qetjax.for_budget("lsq", (16, 16), 0.5)
 
 
 @pytest.mark.parametrize(
