@@ -10,7 +10,9 @@ Datasets: a Gaussian matrix, the QET paper's synthetic data (truncated normal
 with 1e-4 outliers) and MiniLM-L6's stacked intermediate kernels. ``--quick``
 keeps the first 2048 rows and 128 columns of each, and fewer OPQ and LSQ
 iterations (on both sides). On a loaded machine faiss's OpenMP threads spin;
-``--faiss-threads 1`` avoids that.
+``--faiss-threads 1`` avoids that, and ``OPENBLAS_NUM_THREADS=1`` does the
+same for the eigendecomposition in RQ's progressive k-means (LAPACK).
+``--data`` and ``--methods`` select rows by name prefix.
 
 Run:
     PYTHONPATH=. python scripts/compare_faiss.py --quick
@@ -117,9 +119,11 @@ def faiss_opq(w: int, d: int, k: int, iters: int) -> tuple:
     return train, lambda x: pq.compute_codes(opq.apply_py(x)), lambda c: opq.reverse_transform(pq.decode(c))
 
 
-def faiss_rq(w: int, stages: int, k: int, beam: int) -> tuple:
+def faiss_rq(w: int, stages: int, k: int, beam: int, refine: bool = False) -> tuple:
     rq = faiss.ResidualQuantizer(w, stages, int(np.log2(k)))
     rq.max_beam_size = beam
+    if refine:  # niter_codebook_refine (5) rounds of least-squares codebooks
+        rq.train_type = rq.Train_progressive_dim | rq.Train_refine_codebook
     return rq.train, rq.compute_codes, rq.decode
 
 
@@ -137,6 +141,7 @@ def methods(w: int, quick: bool) -> dict[str, tuple[qetjax.Quantizer, tuple]]:
         f"OPQ d=8 k=256 iters={opq_iters}": (qetjax.opq(8, 256, iters=opq_iters, **f32), faiss_opq(w, 8, 256, opq_iters)),
         "RQ M=4 k=256 beam=1": (qetjax.rq(4, 256, 1, **f32), faiss_rq(w, 4, 256, 1)),
         "RQ M=4 k=256 beam=4": (qetjax.rq(4, 256, 4, **f32), faiss_rq(w, 4, 256, 4)),
+        "RQ M=4 k=256 beam=4 refine=5": (qetjax.rq(4, 256, 4, refine_iters=5, **f32), faiss_rq(w, 4, 256, 4, True)),
         f"LSQ M=4 k=256 iters={lsq_iters}": (
             qetjax.lsq(4, 256, train_iters=lsq_iters, **f32),
             faiss_lsq(w, 4, 256, lsq_iters),
