@@ -206,8 +206,8 @@ def _refine(x: jax.Array, parts: jax.Array, books: jax.Array, beam: int, rounds:
         new = new.transpose(1, 0, 2, 3).astype(dtype).astype(jnp.float32)
         new_codes, new_err = encoded(new)
         better = new_err < err
-        keep = lambda a, b: jnp.where(better, a, b)  # noqa: E731
-        return i + 1, keep(new, books), keep(new_codes, codes), jnp.minimum(new_err, err), better
+        books, codes = jax.tree.map(lambda a, b: jnp.where(better, a, b), (new, new_codes), (books, codes))
+        return i + 1, books, codes, jnp.minimum(new_err, err), better
 
     codes, err = encoded(books)
     state = (0, books, codes, err, jnp.array(True))
