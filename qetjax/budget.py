@@ -13,7 +13,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import math
+from typing import Any, Callable, Mapping, Sequence
 
 from qetjax.core import METHODS, Quantizer, stored_bits
 
@@ -86,3 +87,59 @@ def largest_fitting(
         else:
             hi = mid - 1
     return make(values[lo])
+
+
+def allocate(
+    sensitivity: Mapping[str, float],
+    sizes: Mapping[str, int],
+    bits_per_element: float,
+    reference_bits: float,
+    min_bits: float = 2.0,
+    max_bits: float = 8.0,
+) -> dict[str, float]:
+    """Per-leaf budgets of mean ``bits_per_element`` that minimise the modelled total loss.
+
+    Each leaf's loss is modelled as ``sensitivity * 4 ** (reference_bits - b)``
+    (6.02 dB per bit, the high-rate law), where ``sensitivity`` is the loss
+    measured with the leaf alone quantized at ``reference_bits``. Minimising the
+    sum subject to ``sum(sizes * b) = bits_per_element * sum(sizes)`` is reverse
+    water-filling: ``b = c + log4(sensitivity / size)`` clipped to
+    ``[min_bits, max_bits]``, with the constant ``c`` found by bisection.
+
+    Args:
+      sensitivity: loss of each leaf at ``reference_bits`` (``>= 0``), by name.
+      sizes: elements of each leaf, by the same names.
+      bits_per_element: the mean budget, between ``min_bits`` and ``max_bits``.
+      reference_bits: the budget at which ``sensitivity`` was measured.
+      min_bits, max_bits: bounds of any leaf's budget.
+
+    Returns:
+      Budgets by name whose size-weighted mean is at most ``bits_per_element``;
+      each leaf is then quantized with ``for_budget(..., budgets[name])``, which
+      stores at most that many bits, so the whole fits the mean budget.
+
+    Example:
+        >>> b = allocate({"a": 1e-3, "b": 1e-5}, {"a": 100, "b": 100}, 3.0, 3.0, min_bits=1.0)
+        >>> round(b["a"], 2), round(b["b"], 2)  # 100x the loss: log4(100) = 3.32 bits more
+        (4.66, 1.34)
+    """
+    if set(sensitivity) != set(sizes) or not sizes:
+        raise ValueError("sensitivity and sizes must name the same, non-empty set of leaves")
+    if not min_bits <= bits_per_element <= max_bits:
+        raise ValueError(f"bits_per_element={bits_per_element} must lie in [min_bits={min_bits}, max_bits={max_bits}]")
+    if any(not s >= 0 for s in sensitivity.values()) or any(int(n) < 1 for n in sizes.values()):
+        raise ValueError("sensitivities must be >= 0 and sizes >= 1")
+    total = sum(int(n) for n in sizes.values())
+    density = {k: math.log(max(sensitivity[k], 1e-300) / int(sizes[k]), 4) for k in sizes}  # 0 -> very low
+
+    def budgets(c: float) -> dict[str, float]:
+        return {k: min(max_bits, max(min_bits, reference_bits + c + d)) for k, d in density.items()}
+
+    def mean(c: float) -> float:
+        return sum(b * int(sizes[k]) for k, b in budgets(c).items()) / total
+
+    lo, hi = min_bits - reference_bits - max(density.values()), max_bits - reference_bits - min(density.values())
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean(mid) <= bits_per_element else (lo, mid)
+    return budgets(lo)

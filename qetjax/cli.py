@@ -119,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", default=["linear", "embedding"], choices=["linear", "embedding"],
                         help="--model minilm: leaves to quantize")
     parser.add_argument("--sentences", type=int, help="--model minilm: corpus size (default 128 with --quick, else 512)")
+    parser.add_argument("--calib-sentences", type=int, help="--model minilm: calibration sentences (default 512)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.model == "minilm":
@@ -150,9 +151,10 @@ def _minilm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             ev.parse_config(c)
     except ValueError as err:
         parser.error(str(err))
-    sizes = dict(sentences=128, max_length=64, calib_sentences=64) if args.quick else dict(sentences=512, max_length=128, calib_sentences=256)
-    if args.sentences is not None:
-        sizes["sentences"] = args.sentences
+    sizes = dict(ev.SIZES["quick" if args.quick else "full"])
+    for name in ("sentences", "calib_sentences"):
+        if getattr(args, name) is not None:
+            sizes[name] = getattr(args, name)
     rows = ev.run(args.methods, args.bits, parts=args.parts, targets=args.targets, **sizes)
     print(ev.markdown(rows))
     if args.csv:

@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -54,7 +54,7 @@ import numpy as np
 import qetjax
 from qetjax import gptq
 from qetjax import kv as kvq
-from qetjax.budget import for_budget
+from qetjax.budget import allocate, for_budget
 from qetjax.core import METHODS
 from qetjax.corpus import stdlib_sentences
 from qetjax.io import save
@@ -179,6 +179,12 @@ LAYOUT = {"linear": "out_in", "embedding": "in_out"}
 
 BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
+SIZES = {"quick": dict(sentences=128, max_length=64, calib_sentences=512),
+         "full": dict(sentences=512, max_length=128, calib_sentences=512)}
+"""Corpus and calibration sizes of a ``--quick`` and a full run (512 calibration sentences are
+≈ 10k tokens at ``max_length`` 64: GPTQ's Hessians of the 1536-wide MLP inputs need well over
+1536 samples; 64 sentences gave cosine 0.987 instead of 0.991 at 4 bits)."""
+
 
 def registered_methods() -> list[str]:
     """Imports every qetjax module (so each registers its methods) and lists those with a budget solver."""
@@ -191,29 +197,32 @@ def registered_methods() -> list[str]:
 
 
 class Config(NamedTuple):
-    """One weight-quantization configuration: a budgeted method, its solver options, GPTQ or not."""
+    """One weight-quantization configuration: a budgeted method, its solver options, GPTQ or not,
+    one budget for every leaf or budgets allocated by measured sensitivity (``mixed``, see
+    :func:`mixed_budgets`)."""
 
     method: str
     options: tuple[tuple[str, Any], ...] = ()
     gptq: bool = False
+    mixed: bool = False
 
     @property
     def label(self) -> str:
         """The string :func:`parse_config` reads back."""
         opts = "".join(f":{k}={json.dumps(v)}" for k, v in self.options)
-        return self.method + opts + ("+gptq" if self.gptq else "")
+        return self.method + opts + ("+gptq" if self.gptq else "") + ("+mixed" if self.mixed else "")
 
 
 def parse_config(text: str) -> Config:
-    """Parses ``method[:option=value...][+gptq]``; values are JSON (``128``, ``true``) or plain strings.
+    """Parses ``method[:option=value...][+gptq][+mixed]``; values are JSON (``128``, ``true``) or plain strings.
 
     Example:
         >>> parse_config("rtn:group_size=128+gptq")
-        Config(method='rtn', options=(('group_size', 128),), gptq=True)
+        Config(method='rtn', options=(('group_size', 128),), gptq=True, mixed=False)
     """
-    body, plus, flag = text.partition("+")
-    if plus and flag != "gptq":
-        raise ValueError(f"config {text!r}: the only suffix is '+gptq'")
+    body, *flags = text.split("+")
+    if len(set(flags)) != len(flags) or not set(flags) <= {"gptq", "mixed"}:
+        raise ValueError(f"config {text!r}: the suffixes are '+gptq' and '+mixed', each at most once")
     method, *opts = body.split(":")
     if method not in METHODS or METHODS[method].budget is None:
         budgeted = sorted(n for n, m in METHODS.items() if m.budget is not None)
@@ -227,7 +236,7 @@ def parse_config(text: str) -> Config:
             options.append((name, json.loads(value)))
         except json.JSONDecodeError:
             options.append((name, value))
-    return Config(method, tuple(options), bool(plus))
+    return Config(method, tuple(options), "gptq" in flags, "mixed" in flags)
 
 
 class Setup(NamedTuple):
@@ -239,13 +248,15 @@ class Setup(NamedTuple):
     held_out: dict
     calib: dict
     calib_kv: list
+    calib_batches: Batches
 
 
-def setup(sentences: int = 128, max_length: int = 64, calib_sentences: int = 64) -> Setup:
+def setup(sentences: int = 128, max_length: int = 64, calib_sentences: int = 512) -> Setup:
     """Loads MiniLM; tokenizes the evaluation corpus (the fixture's 32 sentences first, when present,
     then stdlib docstring sentences) and a disjoint calibration set; embeds the corpus with fp32.
 
-    The first 32 corpus sentences are the held-out batch of the KV-cache measurements.
+    The first 32 corpus sentences are the held-out batch of the KV-cache measurements; the
+    first 128 calibration sentences, as batches, measure sensitivities (:func:`mixed_budgets`).
     """
     _, params, tokenizer = minilm.load_pretrained()
     first = []
@@ -254,9 +265,10 @@ def setup(sentences: int = 128, max_length: int = 64, calib_sentences: int = 64)
             first = [str(t) for t in d["sentences"]][:sentences]
     corpus = first + (stdlib_sentences(sentences - len(first), exclude=first) if sentences > len(first) else [])
     batches = make_batches(tokenizer, corpus, 32, max_length)
-    calib = minilm.tokenize(tokenizer, stdlib_sentences(calib_sentences, exclude=corpus), max_length)
+    calib_text = stdlib_sentences(calib_sentences, exclude=corpus)
+    calib = minilm.tokenize(tokenizer, calib_text, max_length)
     return Setup(params, batches, embed_corpus(params, batches), minilm.tokenize(tokenizer, corpus[:32], max_length),
-                 calib, minilm.encode(params, **calib, return_kv=True)[1])
+                 calib, minilm.encode(params, **calib, return_kv=True)[1], make_batches(tokenizer, calib_text[:128], 32, max_length))
 
 
 def dense_inputs(params: Any, batch: dict) -> dict[str, np.ndarray]:
@@ -300,21 +312,25 @@ def _gptq_group(q: Any) -> int:
     return group
 
 
-def quantize_model(params: Any, config: Config, target: str, bits_per_weight: float, *, layout: str | None = None,
-                   calib: dict | None = None, key: jax.Array | None = None, sequential: bool = True) -> Any:
+def quantize_model(params: Any, config: Config, target: str, bits_per_weight: float | Mapping[str, float], *,
+                   layout: str | None = None, calib: dict | None = None, key: jax.Array | None = None,
+                   sequential: bool = True, inputs: dict[str, np.ndarray] | None = None) -> Any:
     """Quantizes the ``target`` leaves of ``params`` with ``config`` at ``bits_per_weight`` per leaf.
 
     Args:
       params: the MiniLM parameter tree.
       config: method, budget-solver options and whether to use GPTQ.
       target: a key of :data:`TARGETS`.
-      bits_per_weight: the budget each leaf must fit (``qetjax.for_budget``).
+      bits_per_weight: the budget each leaf must fit (``qetjax.for_budget``), or a budget for each
+        leaf by path (these leaves are quantized; e.g. :func:`mixed_budgets`).
       layout: ``"out_in"`` or ``"in_out"`` (default :data:`LAYOUT` ``[target]``).
       calib: tokenized calibration batch, needed for GPTQ (whose inputs :func:`dense_inputs` captures).
       key: PRNG key (default ``jax.random.key(0)``).
       sequential: GPTQ's calibration inputs of each stage of kernels (:func:`gptq_stages`) come from
         the model whose earlier stages are already quantized (GPTQ's procedure); ``False`` takes
         all inputs from the fp32 model.
+      inputs: the fp32 model's :func:`dense_inputs` on ``calib``, when already captured (used
+        only when GPTQ is not sequential).
 
     Returns:
       The quantized tree (other leaves kept).
@@ -326,20 +342,52 @@ def quantize_model(params: Any, config: Config, target: str, bits_per_weight: fl
     key = jax.random.key(0) if key is None else key
     layout = LAYOUT[target] if layout is None else layout
     leaves = _selected(params, target)
+    budgets = bits_per_weight if isinstance(bits_per_weight, Mapping) else dict.fromkeys(leaves, bits_per_weight)
+    if not set(budgets) <= set(leaves):
+        raise ValueError(f"budgets name leaves outside target {target!r}: {sorted(set(budgets) - set(leaves))[:3]}")
     shape = (lambda x: x.shape[::-1]) if layout == "out_in" else (lambda x: x.shape)
-    policy = {p: for_budget(config.method, shape(x), bits_per_weight, **dict(config.options)) for p, x in leaves.items()}
+    policy = {p: for_budget(config.method, shape(leaves[p]), b, **dict(config.options)) for p, b in budgets.items()}
     if not config.gptq:
         return quantize_tree(key, params, lambda p, x: policy.get(p), layout=layout, progress=False)
     if layout != "out_in" or calib is None:
         raise ValueError("GPTQ quantizes [out, in] kernels on calibration inputs: needs layout='out_in' and calib")
     done: dict[str, Any] = {}
     for stage in gptq_stages(policy) if sequential else [list(policy)]:
-        current = jax.tree_util.tree_map_with_path(lambda p, x: _decoded(done.get(path_str(p)), x), params)
-        inputs = dense_inputs(current, calib)
+        if sequential or inputs is None:
+            current = jax.tree_util.tree_map_with_path(lambda p, x: _decoded(done.get(path_str(p)), x), params)
+            inputs = dense_inputs(current, calib)
         for p in stage:
             q = policy[p]
             done[p] = as_transposed(gptq.quantize(q, leaf_key(key, p), jnp.asarray(leaves[p]).T, inputs[p], _gptq_group(q)))
     return jax.tree_util.tree_map_with_path(lambda p, x: done.get(path_str(p), x), params)
+
+
+def mixed_budgets(s: Setup, config: Config, target: str, bits_per_weight: float, layout: str | None = None,
+                  spread: tuple[float, float] = (1.5, 2.0)) -> dict[str, float]:
+    """Per-leaf budgets of mean ``bits_per_weight`` from each leaf's measured sensitivity.
+
+    Each ``target`` leaf alone is quantized with ``config`` (GPTQ on the fp32 model's inputs)
+    at ``bits_per_weight``; its sensitivity is ``1 - mean cosine`` of the calibration batches'
+    embeddings (:attr:`Setup.calib_batches`, never the evaluation corpus) to the fp32 model's.
+    :func:`qetjax.budget.allocate` then spreads the budget (6 dB per bit model) within
+    ``[bits - spread[0], bits + spread[1]]``; every leaf stores at most its budget, so the whole
+    stores at most ``bits_per_weight`` per weight.
+
+    Example:
+        >>> budgets = mixed_budgets(s, parse_config("pvq:group_size=64+gptq"), "linear", 3.0)
+        >>> qtree = quantize_model(s.params, config, "linear", budgets, calib=s.calib)
+    """
+    leaves = _selected(s.params, target)
+    reference = embed_corpus(s.params, s.calib_batches)
+    inputs = dense_inputs(s.params, s.calib) if config.gptq else None
+    sens = {}
+    for p in leaves:
+        qtree = quantize_model(s.params, config, target, {p: bits_per_weight}, layout=layout, calib=s.calib,
+                               sequential=False, inputs=inputs)
+        sens[p] = max(0.0, 1.0 - compare(reference, embed_corpus(qtree, s.calib_batches))["cos_mean"])
+    sizes = {p: int(np.size(x)) for p, x in leaves.items()}
+    low, high = spread
+    return allocate(sens, sizes, bits_per_weight, bits_per_weight, max(bits_per_weight - low, 0.5), bits_per_weight + high)
 
 
 def _decoded(qa: Any, x: Any) -> Any:
@@ -380,9 +428,10 @@ def weight_rows(s: Setup, configs: Sequence[Config], budgets: Sequence[float], t
             for budget in budgets:
                 row = {"part": "weights", "target": target, "config": config.label, "budget": budget}
                 t0 = time.perf_counter()
+                lay = layout if target == "linear" else None
                 try:
-                    qtree = jax.block_until_ready(quantize_model(s.params, config, target, budget, calib=s.calib,
-                                                                  layout=layout if target == "linear" else None))
+                    bits = mixed_budgets(s, config, target, budget, lay) if config.mixed else budget
+                    qtree = jax.block_until_ready(quantize_model(s.params, config, target, bits, calib=s.calib, layout=lay))
                 except ValueError as err:
                     rows.append({**row, "status": f"n/a ({str(err)[:80]})"})
                     continue
@@ -409,8 +458,8 @@ def kv_rows(s: Setup, configs: Sequence[Config], budgets: Sequence[float]) -> li
                 row = {"part": "kv", "config": config.label, "budget": budget, "fit": "per head" if per_head else "shared"}
                 shape = (tokens if per_head else tokens * heads, head_dim)  # params amortised over the calibration cache
                 try:
-                    if config.gptq:
-                        raise ValueError("GPTQ is for weights")
+                    if config.gptq or config.mixed:
+                        raise ValueError("GPTQ and mixed budgets are for weights")
                     q = for_budget(config.method, shape, budget, **dict(config.options))
                 except ValueError as err:
                     rows.append({**row, "status": f"n/a ({str(err)[:80]})"})
@@ -512,7 +561,7 @@ def memory_child(label: str, budget: float) -> None:
 
 
 def run(configs: Sequence[str], budgets: Sequence[float], *, sentences: int = 128, max_length: int = 64,
-        calib_sentences: int = 64, parts: Sequence[str] = ("weights", "kv", "memory"),
+        calib_sentences: int = 512, parts: Sequence[str] = ("weights", "kv", "memory"),
         targets: Sequence[str] = tuple(TARGETS), layout: str | None = None, kv_configs: Sequence[str] | None = None,
         memory_configs: Sequence[str] = ("rtn",)) -> list[dict]:
     """All measurements as row dicts (``part`` is ``weights``, ``kv`` or ``memory``); see :func:`markdown`.
@@ -534,7 +583,7 @@ def run(configs: Sequence[str], budgets: Sequence[float], *, sentences: int = 12
     if "weights" in parts:
         rows += weight_rows(s, weights, budgets, targets, layout)
     if "kv" in parts:
-        kv = [parse_config(c) for c in kv_configs] if kv_configs is not None else list(dict.fromkeys(c._replace(gptq=False) for c in weights))
+        kv = [parse_config(c) for c in kv_configs] if kv_configs is not None else list(dict.fromkeys(c._replace(gptq=False, mixed=False) for c in weights))
         rows += kv_rows(s, kv, budgets)
     if "memory" in parts:
         rows += [peak_memory(parse_config(c), max(budgets)) for c in memory_configs]

@@ -23,7 +23,8 @@ from qetjax import eval as ev
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="128 sentences, max_length 64, 64 calibration sentences")
+    ap.add_argument("--quick", action="store_true", help="128 sentences at max_length 64 (else 512 at 128); see qetjax.eval.SIZES")
+    ap.add_argument("--calib-sentences", type=int, help="calibration sentences (default 512)")
     ap.add_argument("--methods", nargs="+", help="configs method[:opt=value...][+gptq] (default: every budgeted method)")
     ap.add_argument("--bits", nargs="+", type=float, default=[2.0, 3.0, 4.0])
     ap.add_argument("--parts", nargs="+", default=["weights", "kv", "memory"], choices=["weights", "kv", "memory"])
@@ -32,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kv-methods", nargs="+", help="KV-cache configs (default: --methods without +gptq)")
     ap.add_argument("--memory-methods", nargs="+", default=["rtn"])
     a = ap.parse_args(argv)
-    sizes = dict(sentences=128, max_length=64, calib_sentences=64) if a.quick else dict(sentences=512, max_length=128, calib_sentences=256)
+    sizes = dict(ev.SIZES["quick" if a.quick else "full"])
+    if a.calib_sentences is not None:
+        sizes["calib_sentences"] = a.calib_sentences
     rows = ev.run(a.methods or ev.registered_methods(), a.bits, parts=a.parts, targets=a.targets, layout=a.layout,
                   kv_configs=a.kv_methods, memory_configs=a.memory_methods, **sizes)
     print(ev.markdown(rows))

@@ -1,6 +1,7 @@
 """Tests of qetjax.budget: for_budget's checks and largest_fitting's binary search."""
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -103,3 +104,30 @@ def test_for_budget_bad_budget_type(bpe):
 def test_for_budget_bad_shape(shape):
     with pytest.raises(ValueError, match="shape must be 2-D with positive sizes"):
         qetjax.for_budget("pq", shape, 2.0)
+
+
+@given(st.lists(st.tuples(st.floats(0, 1), st.integers(1, 10**6)), min_size=1, max_size=12),
+       st.floats(2.0, 8.0), st.floats(1.0, 9.0))
+def test_allocate_meets_the_mean_budget_and_beats_uniform(leaves, mean_bits, reference):
+    sens = {f"l{i}": s for i, (s, _) in enumerate(leaves)}
+    sizes = {f"l{i}": n for i, (_, n) in enumerate(leaves)}
+    b = budget.allocate(sens, sizes, mean_bits, reference)
+    total = sum(sizes.values())
+    assert set(b) == set(sens) and all(2.0 <= v <= 8.0 for v in b.values())
+    assert sum(b[k] * sizes[k] for k in b) <= mean_bits * total * (1 + 1e-9)
+    assert sum(b[k] * sizes[k] for k in b) >= mean_bits * total * (1 - 1e-6)  # nothing left unspent
+    loss = lambda bits: sum(sens[k] * 4.0 ** (reference - bits[k]) for k in sens)
+    assert loss(b) <= loss(dict.fromkeys(sens, mean_bits)) * (1 + 1e-6)
+
+
+def test_allocate_follows_the_loss_density_and_checks_input():
+    b = budget.allocate({"a": 1e-3, "b": 1e-5}, {"a": 100, "b": 100}, 3.0, 3.0, min_bits=1.0)
+    assert b["a"] == pytest.approx(3.0 + np.log(100) / np.log(4) / 2) and b["b"] == pytest.approx(6.0 - b["a"])
+    same = budget.allocate({"a": 2e-3, "b": 1e-3}, {"a": 200, "b": 100}, 3.5, 3.0)  # equal loss per element
+    assert same == pytest.approx({"a": 3.5, "b": 3.5})
+    with pytest.raises(ValueError, match="same"):
+        budget.allocate({"a": 1.0}, {"b": 1}, 3.0, 3.0)
+    with pytest.raises(ValueError, match="min_bits"):
+        budget.allocate({"a": 1.0}, {"a": 1}, 1.0, 3.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        budget.allocate({"a": -1.0}, {"a": 1}, 3.0, 3.0)

@@ -137,11 +137,37 @@ def test_sequential_gptq_takes_inputs_from_the_quantized_model(model, monkeypatc
     assert not np.array_equal(codes(att(seq, "output")), codes(att(flat, "output")))
 
 
+def test_parse_config_mixed():
+    c = ev.parse_config("pvq:group_size=64+gptq+mixed")
+    assert c == ev.Config("pvq", (("group_size", 64),), True, True) and ev.parse_config(c.label) == c
+    assert ev.parse_config("rtn+mixed") == ev.Config("rtn", (), False, True)
+    for bad in ("rtn+mixed+mixed", "rtn+gptq+awq"):
+        with pytest.raises(ValueError, match="suffixes"):
+            ev.parse_config(bad)
+
+
+def test_mixed_budgets_fit_the_mean_and_favour_the_sensitive_kernel(monkeypatch):
+    monkeypatch.setitem(ev.TARGETS, "two", r"layer_0/(attention/query|mlp/output)/kernel$")
+    monkeypatch.setitem(ev.LAYOUT, "two", "out_in")
+    s = ev.setup(sentences=8, max_length=32, calib_sentences=40)
+    assert s.calib_batches.count == 40
+    config = ev.parse_config("rtn:group_size=128+mixed")
+    budgets = ev.mixed_budgets(s, config, "two", 3.25)
+    query, mlp = "encoder/layer_0/attention/query/kernel", "encoder/layer_0/mlp/output/kernel"
+    assert set(budgets) == {query, mlp} and budgets[mlp] > budgets[query] >= 3.25 - 1.5
+    assert budgets[query] * 384**2 + budgets[mlp] * 384 * 1536 <= 3.25 * 5 * 384**2 * (1 + 1e-9)
+    qtree = ev.quantize_model(s.params, config, "two", budgets)
+    tb = qetjax.tree.tree_bits(qtree)
+    assert tb.quantized_bits_per_weight <= 3.25
+    with pytest.raises(ValueError, match="outside"):
+        ev.quantize_model(s.params, config, "two", {"encoder/layer_1/attention/query/kernel": 3.0})
+
+
 def test_cli_minilm_quick(capsys):
     from qetjax import cli
 
     argv = ["--model", "minilm", "--quick", "--methods", "rtn:group_size=128", "--bits", "4.25", "--sentences", "12",
-            "--parts", "weights", "--targets", "linear"]
+            "--calib-sentences", "16", "--parts", "weights", "--targets", "linear"]
     assert cli.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, l in enumerate(lines) if l.startswith("| config"))
