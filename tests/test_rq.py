@@ -66,6 +66,13 @@ def test_refinement_never_worse_on_training_data():
     assert refined < 0.99 * plain  # on Gaussian data it helps
 
 
+@pytest.mark.parametrize("d, same_as", [(2, "kmeans"), (4, "progressive")])
+def test_auto_training_by_subvector_width(d, same_as):
+    x = X[:128]
+    auto = rq(1, 4, subvector_dim=d).fit(KEY, x)
+    np.testing.assert_array_equal(auto.codebook, rq(1, 4, subvector_dim=d, train=same_as).fit(KEY, x).codebook)
+
+
 def test_greedy_training_is_the_same_on_all_or_top_beam_entries():
     a = rq(2, K, train_beam="all", iters=2).fit(KEY, X)
     b = rq(2, K, train_beam="top", iters=2).fit(KEY, X)
@@ -122,15 +129,15 @@ def test_budget_picks_the_most_code_bits_that_fit(shape, budget):
     def size(m, k, d):  # packed codes + float16 codebooks
         return -(-n * (w // d) * m * code_width(k) // 32) * 32 + m * k * w * 16
 
-    rates = [
-        mm * code_width(kk) / dd
-        for dd in [8, 16, 32, 64, w]
+    fitting = [
+        (mm * code_width(kk) / dd, kk)  # code bits per element, then more centroids
+        for dd in [2, 4, 8, 16, 32, 64, w]
         if w % dd == 0
         for kk in [16, 32, 64, 128, 256]
         for mm in range(1, 65)
         if size(mm, kk, dd) <= limit
     ]
-    assert m * code_width(k) / d == max(rates)
+    assert (m * code_width(k) / d, k) == max(fitting)
 
 
 def test_budget_keeps_given_options():
@@ -153,6 +160,7 @@ def test_budget_keeps_given_options():
         (dict(num_stages=2, num_centroids=4, codebook_dtype="int8"), ValueError),
         (dict(num_stages=2.5, num_centroids=4), TypeError),
         (dict(num_stages=2, num_centroids=4, train="lloyd"), ValueError),
+        (dict(num_stages=2, num_centroids=4, iters=2.5), TypeError),
         (dict(num_stages=2, num_centroids=4, train_beam="best"), ValueError),
         (dict(num_stages=2, num_centroids=4, progressive_steps=0), ValueError),
         (dict(num_stages=2, num_centroids=4, iters=-1), ValueError),
