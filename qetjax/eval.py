@@ -442,6 +442,7 @@ def weight_rows(s: Setup, configs: Sequence[Config], budgets: Sequence[float], t
                 rows.append({**row, "status": "ok", "bpw_quantized": tb.quantized_bits_per_weight, "bpw_model": tb.bits_per_weight,
                              **evaluate(qtree, s.batches, s.reference), "quantize_s": seconds, "file_MiB": size / 2**20})
                 print(rows[-1], file=sys.stderr, flush=True)
+                jax.clear_caches()  # each leaf's configuration compiles anew; keep a long run's memory bounded
     return rows
 
 
@@ -474,6 +475,7 @@ def kv_rows(s: Setup, configs: Sequence[Config], budgets: Sequence[float]) -> li
                              "attn_err_per_layer": " ".join(f"{e:.3f}" for e in errors), "cos_mean": float(cos.mean()),
                              "cos_min": float(cos.min()), "fit_s": seconds})
                 print(rows[-1], file=sys.stderr, flush=True)
+                jax.clear_caches()  # each leaf's configuration compiles anew; keep a long run's memory bounded
     return rows
 
 

@@ -139,6 +139,10 @@ def methods(w: int, quick: bool) -> dict[str, tuple[qetjax.Quantizer, tuple]]:
     out = {
         "PQ d=8 k=256": (qetjax.pq(8, 256, **f32), faiss_pq(w, 8, 256)),
         f"OPQ d=8 k=256 iters={opq_iters}": (qetjax.opq(8, 256, iters=opq_iters, **f32), faiss_opq(w, 8, 256, opq_iters)),
+        f"OPQ d=8 k=256 iters={opq_iters} random start": (  # faiss's start; ours defaults to the identity
+            qetjax.opq(8, 256, iters=opq_iters, init_rotation="random", **f32),
+            faiss_opq(w, 8, 256, opq_iters),
+        ),
         "RQ M=4 k=256 beam=1": (qetjax.rq(4, 256, 1, **f32), faiss_rq(w, 4, 256, 1)),
         "RQ M=4 k=256 beam=4": (qetjax.rq(4, 256, 4, **f32), faiss_rq(w, 4, 256, 4)),
         "RQ M=4 k=256 beam=4 refine=5": (qetjax.rq(4, 256, 4, refine_iters=5, **f32), faiss_rq(w, 4, 256, 4, True)),
