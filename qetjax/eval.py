@@ -384,7 +384,8 @@ def mixed_budgets(s: Setup, config: Config, target: str, bits_per_weight: float,
     for p in leaves:
         qtree = quantize_model(s.params, config, target, {p: bits_per_weight}, layout=layout, calib=s.calib,
                                sequential=False, inputs=inputs)
-        sens[p] = max(0.0, 1.0 - compare(reference, embed_corpus(qtree, s.calib_batches))["cos_mean"])
+        tree = dequantize_tree(qtree)  # the fp32 tree's structure: one compilation of the embedding for all leaves
+        sens[p] = max(0.0, 1.0 - compare(reference, embed_corpus(tree, s.calib_batches))["cos_mean"])
     sizes = {p: int(np.size(x)) for p, x in leaves.items()}
     low, high = spread
     return allocate(sens, sizes, bits_per_weight, bits_per_weight, max(bits_per_weight - low, 0.5), bits_per_weight + high)
