@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--targets", nargs="+", default=["linear", "embedding"], choices=["linear", "embedding"],
                         help="--model minilm: leaves to quantize")
     parser.add_argument("--sentences", type=int, help="--model minilm: corpus size (default 128 with --quick, else 512)")
-    parser.add_argument("--calib-sentences", type=int, help="--model minilm: calibration sentences (default 512)")
+    parser.add_argument("--calib-sentences", type=int, help="--model minilm: calibration sentences (default 1024)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.model == "minilm":

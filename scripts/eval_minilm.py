@@ -24,7 +24,7 @@ from qetjax import eval as ev
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="128 sentences at max_length 64 (else 512 at 128); see qetjax.eval.SIZES")
-    ap.add_argument("--calib-sentences", type=int, help="calibration sentences (default 512)")
+    ap.add_argument("--calib-sentences", type=int, help="calibration sentences (default 1024)")
     ap.add_argument("--methods", nargs="+", help="configs method[:opt=value...][+gptq] (default: every budgeted method)")
     ap.add_argument("--bits", nargs="+", type=float, default=[2.0, 3.0, 4.0])
     ap.add_argument("--parts", nargs="+", default=["weights", "kv", "memory"], choices=["weights", "kv", "memory"])
