@@ -19,8 +19,8 @@ default: ``layout="out_in"``), and separately the word-embedding table (rows = t
 each configuration's budget solver at each budget, optionally with GPTQ on calibration inputs
 captured from the model; it then fits KV-cache quantizers per layer and measures the peak
 memory of quantizing the model (RSS polled during quantization, :class:`RssPeak`).
-Configurations are strings ``method[:option=value...][+gptq]``, e.g. ``rtn``,
-``rtn:group_size=128``, ``pvq:group_size=32+gptq`` (see :func:`parse_config`).
+Configurations are strings ``method[:option=value...][+gptq][+mixed]``, e.g. ``rtn``,
+``rtn:group_size=128``, ``pvq:group_size=64+gptq+mixed`` (see :func:`parse_config`).
 
 Example:
     >>> batches = make_batches(tokenizer, sentences)
@@ -353,13 +353,16 @@ def quantize_model(params: Any, config: Config, target: str, bits_per_weight: fl
     if layout != "out_in" or calib is None:
         raise ValueError("GPTQ quantizes [out, in] kernels on calibration inputs: needs layout='out_in' and calib")
     done: dict[str, Any] = {}
+    current = params  # the model with the stages done so far decoded (sequential GPTQ's calibration model)
     for stage in gptq_stages(policy) if sequential else [list(policy)]:
         if sequential or inputs is None:
-            current = jax.tree_util.tree_map_with_path(lambda p, x: _decoded(done.get(path_str(p)), x), params)
             inputs = dense_inputs(current, calib)
         for p in stage:
             q = policy[p]
             done[p] = as_transposed(gptq.quantize(q, leaf_key(key, p), jnp.asarray(leaves[p]).T, inputs[p], _gptq_group(q)))
+        if sequential:
+            current = jax.tree_util.tree_map_with_path(
+                lambda p, x: qetjax.dequantize(done[path_str(p)]) if path_str(p) in stage else x, current)
     return jax.tree_util.tree_map_with_path(lambda p, x: done.get(path_str(p), x), params)
 
 
@@ -375,7 +378,8 @@ def mixed_budgets(s: Setup, config: Config, target: str, bits_per_weight: float,
     stores at most ``bits_per_weight`` per weight.
 
     Example:
-        >>> budgets = mixed_budgets(s, parse_config("pvq:group_size=64+gptq"), "linear", 3.0)
+        >>> config = parse_config("pvq:group_size=64+gptq+mixed")
+        >>> budgets = mixed_budgets(s, config, "linear", 3.0)
         >>> qtree = quantize_model(s.params, config, "linear", budgets, calib=s.calib)
     """
     leaves = _selected(s.params, target)
@@ -390,10 +394,6 @@ def mixed_budgets(s: Setup, config: Config, target: str, bits_per_weight: float,
     sizes = {p: int(np.size(x)) for p, x in leaves.items()}
     low, high = spread
     return allocate(sens, sizes, bits_per_weight, bits_per_weight, max(bits_per_weight - low, 0.5), bits_per_weight + high)
-
-
-def _decoded(qa: Any, x: Any) -> Any:
-    return x if qa is None else qetjax.dequantize(qa)
 
 
 def gptq_stages(paths: Sequence[str]) -> list[list[str]]:
