@@ -18,7 +18,9 @@ of them (product quantization fits one codebook per column group).
   same exact lowest-index tie rule.
 * Centroid sums by ``segment_sum``; empty clusters are re-seeded at the points
   farthest from their centroids (largest current error), so no centroid is
-  wasted and the objective does not rise.
+  wasted and the objective does not rise. Points may carry weights
+  (:func:`refine`; a 0/1 mask fits one cell of many, as LOPQ does).
+* :func:`refine` continues Lloyd from given centroids (hot start).
 * Training points are subsampled to ``max_points_per_centroid * k`` per
   subspace, like faiss (stratified: one random point per equal run of points,
   which costs ``O(k)`` rather than a sort of all points).
@@ -160,25 +162,37 @@ def assign(x: jax.Array, centroids: jax.Array) -> tuple[jax.Array, jax.Array]:
     return lax.map(lambda a: _assign_one(*a), (jnp.swapaxes(x, 1, 2), centroids))
 
 
-def _update(xt: jax.Array, c: jax.Array, matmul: bool = False) -> tuple[jax.Array, jax.Array]:
+def _update(
+    xt: jax.Array, c: jax.Array, matmul: bool = False, weights: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """One Lloyd step on ``xt[d, n]``; empty clusters move to the worst-fitted points.
 
-    Returns the new centroids and the mean squared error of the old ones.
+    With ``weights[n]`` (non-negative; 0 drops a point) centroids move to the
+    weighted means and only points of positive weight re-seed. A cluster stays
+    put when no point is left that its centroid would fit better (every
+    candidate already fitted exactly).
+
+    Returns the new centroids and the (weighted) mean squared error of the old ones.
     """
     n, k = xt.shape[1], c.shape[0]
     idx, dist = _assign_one(xt, c, matmul)
-    sums = jax.ops.segment_sum(xt.T, idx, k)
-    counts = jax.ops.segment_sum(jnp.ones((n,), xt.dtype), idx, k)
+    if weights is None:
+        w, err, points = jnp.ones((n,), xt.dtype), dist, xt.T
+    else:
+        w, err, points = weights, jnp.where(weights > 0, dist, 0.0), xt.T * weights[:, None]
+    sums = jax.ops.segment_sum(points, idx, k)
+    counts = jax.ops.segment_sum(w, idx, k)
     empty = counts == 0
-    new = sums / jnp.maximum(counts, 1.0)[:, None]
+    new = sums / jnp.where(empty, 1.0, counts)[:, None]
 
     def reseed(new: jax.Array) -> jax.Array:
         # The r-th empty cluster takes the r-th farthest point (distinct points).
-        far = lax.top_k(dist, min(k, n))[1]
-        rank = jnp.clip(jnp.cumsum(empty) - 1, 0, far.shape[0] - 1)
-        return jnp.where(empty[:, None], xt.T[far[rank]], new)
+        far = lax.top_k(err, min(k, n))[1]
+        pick = far[jnp.clip(jnp.cumsum(empty) - 1, 0, far.shape[0] - 1)]
+        return jnp.where((empty & (err[pick] > 0))[:, None], xt.T[pick], new)
 
-    return lax.cond(jnp.any(empty), reseed, lambda c: c, new), jnp.mean(dist)
+    mse = jnp.mean(dist) if weights is None else jnp.sum(dist * w) / jnp.maximum(jnp.sum(w), 1e-30)
+    return lax.cond(jnp.any(empty), reseed, lambda c: c, jnp.where(empty[:, None], c, new)), mse
 
 
 def _sample(d2: jax.Array, u: jax.Array) -> jax.Array:
@@ -265,7 +279,12 @@ def progressive_dims(d: int, steps: int) -> list[int]:
 
 
 def _lloyd(
-    xt: jax.Array, c: jax.Array, passes: int, updates: int, matmul: bool = False
+    xt: jax.Array,
+    c: jax.Array,
+    passes: int,
+    updates: int,
+    matmul: bool = False,
+    weights: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``passes`` assignment passes over ``xt[d, n]`` in one loop (so the kernel is
     compiled once), the first ``updates`` of which move the centroids ``c[k, d]``.
@@ -276,7 +295,7 @@ def _lloyd(
 
     def step(i: jax.Array, state: tuple) -> tuple:
         c, first, _ = state
-        new, mse = _update(xt, c, matmul)
+        new, mse = _update(xt, c, matmul, weights)
         return jnp.where(i < updates, new, c), jnp.where(i == 0, mse, first), mse
 
     zero = jnp.zeros((), jnp.float32)
@@ -391,3 +410,27 @@ def fit_with_stats(
     keys = jax.random.split(key, x.shape[0])
     xt = jnp.swapaxes(x, 1, 2)
     return lax.map(lambda a: _fit_one(a[0], a[1], k, iters, init, max_points, progressive_steps), (keys, xt))
+
+
+def refine(x: jax.Array, centroids: jax.Array, iters: int, weights: jax.Array | None = None) -> jax.Array:
+    """Hot-started Lloyd: ``iters`` steps from given centroids, in each subspace.
+
+    Args:
+      x: ``[S, n, d]`` points.
+      centroids: ``[S, k, d]`` starting centroids.
+      iters: Lloyd steps (``0`` returns ``centroids``).
+      weights: optional ``[n]`` non-negative point weights (a 0/1 mask selects
+        points), the same in every subspace.
+
+    Returns:
+      ``[S, k, d]`` centroids; the (weighted) training error never rises.
+
+    Example:
+        >>> x = jax.random.normal(jax.random.key(0), (2, 500, 4))
+        >>> c = refine(x, fit(jax.random.key(1), x, 16, iters=2), iters=10)
+    """
+    if not hasattr(x, "ndim") or x.ndim != 3 or centroids.ndim != 3:
+        raise ValueError(f"x and centroids must be 3-D, got {getattr(x, 'shape', None)} and {centroids.shape}")
+    iters = check_int("iters", iters, 0)
+    xt = jnp.swapaxes(x, 1, 2)
+    return lax.map(lambda a: _lloyd(a[0], a[1], iters, iters, weights=weights)[0], (xt, centroids))

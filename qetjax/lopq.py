@@ -40,7 +40,7 @@ from jax import lax
 from qetjax import kmeans
 from qetjax.budget import largest_fitting
 from qetjax.core import Quantizer, check_int, check_storage_dtype, pytree_dataclass, register_budget, register_method, static_field
-from qetjax.opq import learn_rotation, lloyd_step
+from qetjax.opq import learn_rotation
 from qetjax.packing import code_width, pack, unpack
 from qetjax.pq import default_subvector_dim, merge, split
 
@@ -148,11 +148,11 @@ def lopq(
     def fit_cell(args: tuple) -> tuple[jax.Array, jax.Array]:
         key, xr, wts = args
         c = _init_codebooks(key, split(xr, d), wts, k)
-        c = lax.fori_loop(0, init_iters, lambda _, cc: lloyd_step(split(xr, d), cc, wts), c)
+        c = kmeans.refine(split(xr, d), c, init_iters, wts)
         r, c = learn_rotation(xr, c, iters, pq_iters, wts)
         parts = split(xr @ r, d)
         r = r.astype(rdtype).astype(jnp.float32)
-        c = lax.fori_loop(0, kmeans_iters, lambda _, cc: lloyd_step(parts, cc, wts), c)
+        c = kmeans.refine(parts, c, kmeans_iters, wts)
         return r, c
 
     def fit(key: jax.Array, x: jax.Array) -> LOPQParams:

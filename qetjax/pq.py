@@ -130,6 +130,14 @@ def _encode_parts(parts: jax.Array, centroids: jax.Array, shared: bool) -> jax.A
     return kmeans.assign(parts, centroids)[0]
 
 
+def store_codebook(c: jax.Array, codebook_dtype: str, codebook_bits: int | None) -> Codebook | QuantizedCodebook:
+    """Codebooks ``c[S, k, d]`` as :func:`pq` stores them: rounded to ``codebook_bits``
+    (CQO) when given, else cast to ``codebook_dtype``."""
+    if codebook_bits is not None:
+        return quantize_codebook(c, codebook_bits)
+    return Codebook(c.astype(codebook_dtype))
+
+
 @register_method("pq")
 def pq(
     subvector_dim: int,
@@ -170,16 +178,12 @@ def pq(
     shared = bool(shared_codebook)
     width = code_width(k)
 
-    def store(c: jax.Array) -> Any:
-        if codebook_bits is not None:
-            return quantize_codebook(c, codebook_bits)
-        return Codebook(c.astype(codebook_dtype))
-
     def fit(key: jax.Array, x: jax.Array) -> Any:
         train = _training_set(x, d, shared)
         if k > train.shape[1]:
             raise ValueError(f"num_centroids={k} exceeds the {train.shape[1]} training subvectors")
-        return store(kmeans.fit(key, train, k, iters, init, max_points_per_centroid))
+        c = kmeans.fit(key, train, k, iters, init, max_points_per_centroid)
+        return store_codebook(c, codebook_dtype, codebook_bits)
 
     def encode(params: Any, x: jax.Array) -> PQCodes:
         codes = _encode_parts(split(x, d), params.values(), shared)  # [S, n]

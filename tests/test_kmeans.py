@@ -26,7 +26,8 @@ def _numpy_lloyd(x, c, iters):
         new = np.stack([x[idx == j].mean(0) if counts[j] else c[j] for j in range(k)])
         far = np.argsort(-err, kind="stable")
         for r, j in enumerate(np.flatnonzero(counts == 0)):
-            new[j] = x[far[r]]
+            if err[far[r]] > 0:
+                new[j] = x[far[r]]
         c = new
     return c
 
@@ -122,6 +123,20 @@ def test_empty_cluster_is_reseeded_at_the_worst_fitted_point():
     new, _ = kmeans._update(xt, c)
     # Farthest from its centroid: 10.5 (0.5 from 10.0)... or 0.0/0.2 (0.1 from 0.1): 10.5 wins.
     np.testing.assert_allclose(new[:, 0], [0.1, 10.25, 10.5], atol=1e-6)
+
+
+def test_refine_matches_numpy_lloyd_and_a_mask_selects_points():
+    x = _data(3, 2, 200, 3)
+    c0 = x[:, :6]
+    got = kmeans.refine(x, c0, iters=5)
+    for s in range(2):
+        np.testing.assert_allclose(got[s], _numpy_lloyd(x[s], c0[s], 5), atol=1e-5)
+    # A 0/1 weight mask fits exactly the selected points (empty clusters re-seed among them only).
+    mask = (jnp.arange(200) % 3 == 0).astype(jnp.float32)
+    np.testing.assert_allclose(
+        kmeans.refine(x, c0 + 5.0, 4, weights=mask), kmeans.refine(x[:, ::3], c0 + 5.0, 4), atol=1e-5
+    )
+    np.testing.assert_array_equal(kmeans.refine(x, c0, 0), c0)
 
 
 def test_bad_inputs():

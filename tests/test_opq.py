@@ -66,6 +66,14 @@ def test_fp16_rotation_is_what_encodes_and_decodes():
     np.testing.assert_allclose(qetjax.dequantize(qa), expect, atol=1e-5)
 
 
+def test_final_codebooks_are_hot_started_from_the_alternation():
+    # Lloyd steps from the alternation's codebooks never raise the training error
+    # (a fresh k-means would land anywhere); with none, the rotation's own codebooks are kept.
+    x = correlated()
+    errs = [mse(opq(D, K, iters=6, kmeans_iters=t, codebook_dtype="float32"), x)[1] for t in (0, 3, 12)]
+    assert errs[2] <= errs[1] * (1 + 1e-6) and errs[1] <= errs[0] * (1 + 1e-6)
+
+
 def test_bits_equal_formula(fitted):
     _, (qa, _) = fitted
     expected = N * (W // D) * 4 + (W // D) * K * D * 32 + W * W * 32
