@@ -40,9 +40,16 @@ COLUMNS = ("data", "shape", "method", "budget", "bits_per_element", "mse", "sqnr
 DATA = ("gaussian", "qet_paper", "minilm")
 
 
-def datasets(quick: bool, names: Sequence[str] = DATA) -> dict[str, np.ndarray]:
-    """The embedded default matrices (MiniLM only when its extra is installed)."""
+def datasets(quick: bool, names: Sequence[str] = DATA, rows: int | None = None) -> dict[str, np.ndarray]:
+    """The embedded default matrices (MiniLM only when its extra is installed).
+
+    ``rows`` overrides the row count of the synthetic matrices (1024, or 256
+    with ``quick``): on taller matrices a method's fixed side information
+    (OPQ's rotation, LOPQ's per-cell rotations, codebooks) costs fewer bits
+    per element.
+    """
     shape = (256, 128) if quick else (1024, 512)
+    shape = (rows or shape[0], shape[1])
     out = {}
     if "gaussian" in names:
         out["gaussian"] = np.asarray(data.gaussian(jax.random.key(0), shape))
@@ -112,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "method[:option=value...][+gptq]")
     parser.add_argument("--data", nargs="+", default=list(DATA), choices=DATA,
                         help="matrices to use (minilm needs the models extra)")
+    parser.add_argument("--rows", type=int, help="rows of the gaussian and qet_paper matrices (default 1024; 256 with --quick)")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows to a CSV file")
     parser.add_argument("--model", choices=["minilm"], help="run the end-to-end evaluation of this model instead")
     parser.add_argument("--parts", nargs="+", default=["weights", "kv", "memory"], choices=["weights", "kv", "memory"],
@@ -128,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {budgeted}")
 
-    sets = datasets(args.quick, args.data)
+    if args.rows is not None and args.rows < 1:
+        parser.error(f"--rows must be at least 1, got {args.rows}")
+    sets = datasets(args.quick, args.data, args.rows)
     jobs = [(n, x, m, b) for n, x in sets.items() for m in args.methods for b in args.bits]
     rows = []
     for job in tqdm(jobs, disable=args.no_progress, desc="qetjax-bench", file=sys.stderr):

@@ -31,3 +31,18 @@ def test_quick_bench_table_and_csv(tmp_path, capsys):
 def test_unknown_method_is_rejected():
     with pytest.raises(SystemExit):
         cli.main(["--methods", "no-such-method"])
+
+
+def test_taller_matrices_let_opq_rotation_fit(tmp_path, capsys):
+    # OPQ's 128x128 float32 rotation is 16 bits/element of a 256-row matrix, 2 of a 2048-row one.
+    out = tmp_path / "rows.csv"
+    for rows, fits in ((None, False), (2048, True)):
+        argv = ["--quick", "--data", "gaussian", "--methods", "opq", "--bits", "4", "--csv", str(out), "--no-progress"]
+        assert cli.main(argv + (["--rows", str(rows)] if rows else [])) == 0
+        (row,) = csv.DictReader(out.open())
+        assert row["shape"] == f"{rows or 256}x128"
+        assert bool(row["bits_per_element"]) == fits
+        if fits:
+            assert 2.0 < float(row["bits_per_element"]) <= 4.0
+    with pytest.raises(SystemExit):
+        cli.main(["--rows", "0"])
