@@ -205,7 +205,7 @@ def lopq(
 def lopq_for_budget(
     shape: tuple[int, int],
     bits_per_element: float,
-    num_coarse: int = 4,
+    num_coarse: int | None = None,
     subvector_dim: int | None = None,
     **options: Any,
 ) -> Quantizer:
@@ -214,10 +214,21 @@ def lopq_for_budget(
     Args:
       shape: matrix shape.
       bits_per_element: budget (everything in the module doc counts).
-      num_coarse: coarse cells (4 by default: per-cell rotations are costly).
+      num_coarse: coarse cells; ``None`` takes 4 if any LOPQ with 4 cells fits,
+        else 2 (per-cell ``w x w`` rotations are costly).
       subvector_dim: defaults to :func:`qetjax.pq.default_subvector_dim`.
       **options: other :func:`lopq` arguments.
+
+    Raises:
+      ValueError: no configuration fits (the message gives the smallest size,
+        with the fewest cells tried).
     """
     d = subvector_dim or default_subvector_dim(shape[1], bits_per_element)
     ks = list(range(2, min(1 << 16, shape[0]) + 1))
-    return largest_fitting(lambda k: lopq(num_coarse, d, k, **options), ks, shape, bits_per_element)
+    *first, last = [num_coarse] if num_coarse is not None else [4, 2]
+    for c in first:
+        try:
+            return largest_fitting(lambda k, c=c: lopq(c, d, k, **options), ks, shape, bits_per_element)
+        except ValueError:
+            pass
+    return largest_fitting(lambda k: lopq(last, d, k, **options), ks, shape, bits_per_element)

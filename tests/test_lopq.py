@@ -78,6 +78,16 @@ def test_budget_fits():
     assert stored_bits(q, (4096, 64)) <= 3.0 * 4096 * 64
 
 
+def test_budget_takes_two_cells_where_four_do_not_fit():
+    # Four 512x512 float32 rotations are 4 bits/element of a 16384x512 matrix by themselves; two are 2.
+    shape = (16384, 512)
+    q = qetjax.for_budget("lopq", shape, 3.0)
+    assert dict(q.spec.args)["num_coarse"] == 2 and stored_bits(q, shape) <= 3.0 * shape[0] * shape[1]
+    assert dict(qetjax.for_budget("lopq", (65536, 512), 3.0).spec.args)["num_coarse"] == 4
+    with pytest.raises(ValueError, match="too small"):
+        qetjax.for_budget("lopq", shape, 2.0)
+
+
 @pytest.mark.parametrize(
     "kwargs, err",
     [
