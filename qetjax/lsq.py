@@ -57,9 +57,15 @@ _BLOCK = 1 << 21
 
 
 def reconstruct(cb: jax.Array, codes: jax.Array) -> jax.Array:
-    """``sum_m cb[m, codes[:, m]]``: codebooks ``[M, K, w]``, codes ``int32[n, M]`` -> ``[n, w]``."""
-    num, k, w = cb.shape
-    return cb.reshape(num * k, w)[codes + k * jnp.arange(num, dtype=jnp.int32)[None, :]].sum(1)
+    """``sum_m cb[m, codes[:, m]]``: codebooks ``[M, K, w]``, codes ``int32[n, M]`` -> ``[n, w]``.
+
+    One ``[n, w]`` gather-and-add per codebook (a single gather of all of them
+    followed by a sum materialises ``[n, M, w]`` and is many times slower on CPU).
+    """
+    out = cb[0][codes[:, 0]]
+    for m in range(1, cb.shape[0]):
+        out = out + cb[m][codes[:, m]]
+    return out
 
 
 def _icm_sweep(unary: jax.Array, pair: jax.Array, codes: jax.Array) -> jax.Array:
