@@ -161,7 +161,10 @@ def pq(
       codebook_bits: if set (1..16), round-to-nearest quantize each codebook to
         this many bits (the QET paper's codebook quantization, CQO).
       iters, init, max_points_per_centroid: k-means settings (see
-        :func:`qetjax.kmeans.fit`).
+        :func:`qetjax.kmeans.fit`). Training on at most
+        ``max_points_per_centroid * num_centroids`` points per subspace (faiss's
+        default, 256) can miss rare outliers of tall matrices: on the QET
+        paper's data at 16384x512, k=32, 256 gives 6.6 dB and 1024 25.9 dB.
 
     Returns:
       A :class:`~qetjax.core.Quantizer`.
