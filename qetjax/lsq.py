@@ -116,10 +116,16 @@ def local_search(
     return lax.fori_loop(0, ils_iters, round_, (codes, error(codes)))[0]
 
 
+def one_hot_codes(codes: jax.Array, k: int) -> jax.Array:
+    """The code matrix ``B[n, M*K]`` of ``codes[n, M]``: row ``i`` has a one in column ``m*K + codes[i, m]``."""
+    num = codes.shape[1]
+    return jax.nn.one_hot(codes + k * jnp.arange(num)[None, :], num * k).sum(1)
+
+
 def least_squares_codebooks(x: jax.Array, codes: jax.Array, k: int, lam: float) -> jax.Array:
     """Codebooks ``[M, K, w]`` minimising ``||x - B C||^2 + lam ||C||^2`` for one-hot ``B``."""
     num = codes.shape[1]
-    onehot = jax.nn.one_hot(codes + k * jnp.arange(num)[None, :], num * k).sum(1)  # [n, M*K]
+    onehot = one_hot_codes(codes, k)  # [n, M*K]
     gram = onehot.T @ onehot + lam * jnp.eye(num * k)
     return jax.scipy.linalg.solve(gram, onehot.T @ x, assume_a="pos").reshape(num, k, x.shape[1])
 

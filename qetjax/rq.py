@@ -58,17 +58,18 @@ from qetjax.core import (
     static_field,
     stored_bits,
 )
-from qetjax.lsq import least_squares_codebooks
+from qetjax.lsq import one_hot_codes
 from qetjax.packing import code_width, pack, unpack
 from qetjax.pq import Codebook, split
 
 # Entries of the [rows, beam, max(k, d)] blocks of one chunk of rows.
 _BLOCK = 1 << 20
-# Ridge of the joint least-squares codebook refinement, in points per centroid
-# (qetjax.lsq's default; the code matrix is rank deficient: each stage's one-hot
-# columns sum to ones). Results after re-encoding are path-dependent: on the
-# MiniLM kernels 1e-3, 1e-2, 0.1, 1 gave 1.037, 1.039, 1.009, 1.093 x faiss's.
-_REFINE_RIDGE = 0.01
+# Relative cut-off of small singular values in the joint least-squares codebook
+# refinement (faiss's rcond for sgelsd). The code matrix is rank deficient (each
+# stage's one-hot columns sum to ones): the minimum-norm solution by SVD is
+# accurate in float32, where Cholesky of the ridge-regularised normal equations
+# (cond ~ n / ridge) was not (MiniLM kernels: 1.039 of faiss's MSE; by SVD 1.016).
+_REFINE_RCOND = 1e-4
 
 
 @pytree_dataclass
@@ -188,12 +189,18 @@ def _reconstruct(codebooks: jax.Array, codes: jax.Array) -> jax.Array:
     return out.reshape(codes.shape[0], s * d)
 
 
+def _least_squares(x: jax.Array, codes: jax.Array, k: int) -> jax.Array:
+    """Minimum-norm codebooks ``[M, k, d]`` minimising ``||x - B C||^2`` for the one-hot ``B`` of ``codes[n, M]``."""
+    c = jnp.linalg.lstsq(one_hot_codes(codes, k), x, rcond=_REFINE_RCOND)[0]
+    return c.reshape(codes.shape[1], k, x.shape[1])
+
+
 def _refine(x: jax.Array, parts: jax.Array, books: jax.Array, beam: int, rounds: int, dtype: str) -> jax.Array:
     """Joint least-squares refinement of all stage codebooks ``books[M, S, k, d]``.
 
     Each round solves for the codebooks that best reconstruct the training
     rows ``x`` (``parts[S, n, d]`` by subspace) with the current codes (all
-    stages at once, ridge ``_REFINE_RIDGE``), rounds them to ``dtype`` and
+    stages at once, minimum-norm least squares by SVD), rounds them to ``dtype`` and
     re-encodes, as faiss's ``retrain_AQ_codebook`` rounds do. Returns the
     codebooks with the lowest training error seen (the trained ones included).
     """
@@ -205,7 +212,7 @@ def _refine(x: jax.Array, parts: jax.Array, books: jax.Array, beam: int, rounds:
 
     def round_(_: int, state: tuple) -> tuple:
         codes, best, best_err = state
-        new = lax.map(lambda a: least_squares_codebooks(a[0], a[1], k, _REFINE_RIDGE), (parts, codes))
+        new = lax.map(lambda a: _least_squares(a[0], a[1], k), (parts, codes))
         new = new.transpose(1, 0, 2, 3).astype(dtype).astype(jnp.float32)
         codes, err = encoded(new)
         better = err < best_err

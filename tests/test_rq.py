@@ -66,6 +66,20 @@ def test_refinement_never_worse_on_training_data():
     assert refined < 0.99 * plain  # on Gaussian data it helps
 
 
+def test_refinement_solves_the_rank_deficient_least_squares_like_numpy():
+    # Each stage's one-hot columns sum to ones, so B is rank deficient; the refinement
+    # takes the minimum-norm solution, as numpy's float64 lstsq does.
+    from qetjax.rq import _least_squares
+
+    codes = jax.random.randint(jax.random.key(1), (300, 3), 0, 5)
+    x = jax.random.normal(jax.random.key(2), (300, 4))
+    b = np.zeros((300, 15))
+    for m in range(3):
+        b[np.arange(300), m * 5 + np.asarray(codes[:, m])] = 1.0
+    expect = np.linalg.lstsq(b, np.asarray(x, np.float64), rcond=None)[0].reshape(3, 5, 4)
+    np.testing.assert_allclose(_least_squares(x, codes, 5), expect, atol=1e-4)
+
+
 @pytest.mark.parametrize("d, same_as", [(2, "kmeans"), (4, "progressive")])
 def test_auto_training_by_subvector_width(d, same_as):
     x = X[:128]
