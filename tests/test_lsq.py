@@ -42,6 +42,22 @@ def test_icm_finds_the_optimum_with_one_codebook():
     np.testing.assert_array_equal(codes[:, 0], best)
 
 
+def test_icm_sweep_is_coordinate_descent_like_numpy():
+    # Each codebook in turn takes the code minimising the error given the others' current codes.
+    from qetjax.lsq import _icm_sweep
+
+    cb = np.asarray(jax.random.normal(jax.random.key(1), (3, K, W)), np.float64)
+    start = np.asarray(jax.random.randint(jax.random.key(2), (N, 3), 0, K))
+    x = np.asarray(X, np.float64)
+    expect = start.copy()
+    for m in range(3):
+        rest = sum(cb[l][expect[:, l]] for l in range(3) if l != m)  # [N, W]
+        expect[:, m] = np.argmin((((x - rest)[:, None, :] - cb[m][None]) ** 2).sum(-1), axis=1)
+    unary = jnp.sum(cb * cb, -1)[None] - 2.0 * jnp.einsum("nw,mkw->nmk", X, cb)
+    pair = 2.0 * jnp.einsum("mkw,ljw->mljk", cb, cb)
+    np.testing.assert_array_equal(_icm_sweep(unary.astype(jnp.float32), pair.astype(jnp.float32), start), expect)
+
+
 @pytest.fixture(scope="module")
 def fitted():
     return qetjax.quantize(lsq(M, K, codebook_dtype="float32", **SMALL), KEY, X)
