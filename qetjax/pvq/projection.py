@@ -42,15 +42,18 @@ def greedy(x: jax.Array, pulses: int) -> jax.Array:
     else:
         y = jnp.where(total > 0, 0, pulses * first)
     y = jnp.minimum(y, pulses)
+    index = jnp.arange(dim, dtype=jnp.int32)
 
     def add_pulse(_: int, y: jax.Array) -> jax.Array:
         yf = y.astype(jnp.float32)
         xy = (a * yf).sum(-1, keepdims=True)
         yy = (yf * yf).sum(-1, keepdims=True)
         score = jnp.square(xy + a) / (yy + 2.0 * yf + 1.0)
-        best = jnp.argmax(score, axis=-1)
-        room = y.sum(-1) < pulses
-        return y + (jax.nn.one_hot(best, dim, dtype=jnp.int32) * room[..., None])
+        # The lowest index of the maximum by two single-operand reductions: XLA's CPU
+        # argmax is a variadic reduction, 2-3x slower here.
+        best = jnp.min(jnp.where(score == jnp.max(score, -1, keepdims=True), index, dim), -1, keepdims=True)
+        room = y.sum(-1, keepdims=True) < pulses
+        return y + ((index == best) & room).astype(jnp.int32)
 
     y = jax.lax.fori_loop(0, min(pulses, dim), add_pulse, y)
     return _signed(x, y)
