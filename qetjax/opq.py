@@ -47,12 +47,12 @@ from qetjax.budget import largest_fitting
 from qetjax.core import (
     Quantizer,
     Transform,
+    TransformedParams,
     check_int,
     check_storage_dtype,
     pytree_dataclass,
     register_budget,
     register_method,
-    TransformedParams,
     transformed,
 )
 from qetjax.pq import default_subvector_dim, merge, pq, split, store_codebook
