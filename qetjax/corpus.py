@@ -30,6 +30,14 @@ MODULES = (
     "tempfile", "textwrap", "threading", "timeit", "tokenize", "trace", "traceback", "types",
     "typing", "unittest", "urllib.parse", "uuid", "warnings", "wave", "weakref", "webbrowser",
     "xml.dom.minidom", "zipfile", "zlib",
+    # Appended later (the sentences above keep their order): more calibration text.
+    "multiprocessing", "concurrent.futures", "http.server", "urllib.request", "xml.etree.ElementTree",
+    "pydoc", "doctest", "ssl", "importlib", "importlib.metadata", "zipimport", "tracemalloc", "cProfile",
+    "pstats", "pdb", "bdb", "code", "codeop", "compileall", "contextvars", "graphlib", "keyword",
+    "linecache", "netrc", "plistlib", "py_compile", "pyclbr", "reprlib", "rlcompleter", "runpy", "stat",
+    "symtable", "sysconfig", "tabnanny", "unittest.mock", "zoneinfo", "asyncio.tasks", "asyncio.streams",
+    "email.message", "email.utils", "logging.handlers", "xmlrpc.client", "http.cookiejar", "http.cookies",
+    "wsgiref.simple_server", "sqlite3.dbapi2", "json.decoder", "json.encoder", "collections.abc", "os.path",
 )
 
 _SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")

@@ -66,6 +66,11 @@ def test_corpus_is_deterministic():
     assert stdlib_sentences(5, exclude=a[:2]) == a[2:7]
 
 
+def test_corpus_holds_the_full_setup_and_its_calibration():
+    full = ev.SIZES["full"]
+    assert len(stdlib_sentences(10_000)) >= full["sentences"] + full["calib_sentences"]
+
+
 # --------------------------------------------------------------------------- end-to-end run
 
 
