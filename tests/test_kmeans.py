@@ -139,6 +139,16 @@ def test_refine_matches_numpy_lloyd_and_a_mask_selects_points():
     np.testing.assert_array_equal(kmeans.refine(x, c0, 0), c0)
 
 
+@settings(max_examples=10, deadline=None)
+@given(shape=st.sampled_from([(1,), (7,), (3, 5), (4, 1, 6)]), levels=st.integers(1, 4), seed=st.integers(0, 99))
+def test_argmin_is_numpys_with_ties_to_the_lowest_index(shape, levels, seed):
+    x = np.random.default_rng(seed).integers(0, levels, shape).astype(np.float32)  # few levels: many ties
+    for axis in range(-len(shape), len(shape)):
+        got = kmeans.argmin(jnp.asarray(x), axis)
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(got, np.argmin(x, axis=axis))
+
+
 def test_bad_inputs():
     x = _data(0, 1, 10, 2)
     with pytest.raises(ValueError, match="k=11"):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qetjax.kmeans import argmin
+
 METHODS = ("greedy", "fischer", "best")
 
 
@@ -49,9 +51,7 @@ def greedy(x: jax.Array, pulses: int) -> jax.Array:
         xy = (a * yf).sum(-1, keepdims=True)
         yy = (yf * yf).sum(-1, keepdims=True)
         score = jnp.square(xy + a) / (yy + 2.0 * yf + 1.0)
-        # The lowest index of the maximum by two single-operand reductions: XLA's CPU
-        # argmax is a variadic reduction, 2-3x slower here.
-        best = jnp.min(jnp.where(score == jnp.max(score, -1, keepdims=True), index, dim), -1, keepdims=True)
+        best = argmin(-score)[..., None]  # the lowest-index maximum; 2-3x faster than jnp.argmax on CPU
         room = y.sum(-1, keepdims=True) < pulses
         return y + ((index == best) & room).astype(jnp.int32)
 
