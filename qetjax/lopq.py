@@ -147,8 +147,8 @@ def lopq(
 
     def fit_cell(args: tuple) -> tuple[jax.Array, jax.Array]:
         key, xr, wts = args
-        c = _init_codebooks(key, split(xr, d), wts, k)
-        c = kmeans.refine(split(xr, d), c, init_iters, wts)
+        parts = split(xr, d)
+        c = kmeans.refine(parts, _init_codebooks(key, parts, wts, k), init_iters, wts)
         r, c = learn_rotation(xr, c, iters, pq_iters, wts)
         parts = split(xr @ r, d)
         r = r.astype(rdtype).astype(jnp.float32)
