@@ -491,7 +491,7 @@ moments), **Lloyd-Max of that Beta**, and **Lloyd-Max on the data** (1-D k-means
 minimises the squared gain error, which adds directly to the weight error.
 '''),
     code('''
-from qetjax.pvq import gains as gain_lib, projection
+from qetjax.methods.pvq import gains as gain_lib, projection
 
 GROUP, PULSES = 32, 24
 x = qetjax.data.gaussian(jax.random.key(0), (8192, 128) if FULL else (2048, 128))
@@ -625,9 +625,9 @@ reference for every metric below.
     code('''
 import re
 
-from qetjax import eval as qeval
+from qetjax.bench import minilm as qeval
 from qetjax import kv as qkv
-from qetjax.corpus import stdlib_sentences
+from qetjax.bench.corpus import stdlib_sentences
 from qetjax.models import minilm
 from qetjax.tree import tree_bits
 

@@ -8,8 +8,13 @@ Example:
     >>> qa.bits_per_element, qetjax.bits(qa)["total"]
 """
 
+import importlib as _importlib
+import sys as _sys
+
 # Engines and helpers, as modules.
-from qetjax import data, gptq, kmeans, kv, metrics, packing, pvq, rotations, swap_tree
+from qetjax import gptq, kmeans, kv, metrics, packing, rotations, swap_tree
+from qetjax.bench import data
+from qetjax.methods import pvq
 
 # The core abstraction.
 from qetjax.budget import for_budget
@@ -29,14 +34,23 @@ from qetjax.core import (
 )
 
 # Methods (each registers its constructor and budget solver on import).
-from qetjax.lopq import lopq
-from qetjax.lsq import lsq
-from qetjax.opq import opq
-from qetjax.pq import pq
-from qetjax.qet import qet, qet_paper, qet_residual
-from qetjax.rq import rq
-from qetjax.scalar import lloyd_max, rtn
+from qetjax.methods.lopq import lopq
+from qetjax.methods.lsq import lsq
+from qetjax.methods.opq import opq
+from qetjax.methods.pq import pq
+from qetjax.methods.qet import qet, qet_paper, qet_residual
+from qetjax.methods.rq import rq
+from qetjax.methods.scalar import lloyd_max, rtn
 
 # Parameter trees and files.
 from qetjax.io import load, save
 from qetjax.tree import dequantize_tree, quantize_tree
+
+# Module paths of releases before the folders by layer (``qetjax.pq``, ``qetjax.eval``, ...)
+# stay importable: each names the module that now holds that code.
+_MOVED = {"scalar": "methods.scalar", "pq": "methods.pq", "qet": "methods.qet", "opq": "methods.opq",
+          "lopq": "methods.lopq", "rq": "methods.rq", "lsq": "methods.lsq", "pvq": "methods.pvq",
+          "data": "bench.data", "corpus": "bench.corpus"}
+for _old, _new in _MOVED.items():
+    _sys.modules[f"{__name__}.{_old}"] = _importlib.import_module(f"{__name__}.{_new}")
+del _old, _new

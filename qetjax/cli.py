@@ -7,7 +7,7 @@ and one table is printed: method, stored bits/element, MSE, SQNR, fit+encode
 seconds, decode seconds (compile time excluded: each is timed on a second call).
 
 With ``--model minilm`` it runs the MiniLM end-to-end evaluation instead
-(:func:`qetjax.eval.run`): the linear kernels (as ``[out, in]``) and the word-embedding
+(:func:`qetjax.bench.minilm.run`): the linear kernels (as ``[out, in]``) and the word-embedding
 table quantized per leaf at each budget, embedding cosine and retrieval agreement to the
 fp32 model, KV-cache attention error, peak memory. ``--methods`` then takes configurations
 ``method[:option=value...][+gptq]``.
@@ -30,7 +30,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from qetjax import data, metrics
+from qetjax import metrics
+from qetjax.bench import data
 from qetjax.budget import for_budget
 from qetjax.core import METHODS, bits, dequantize, quantize
 
@@ -153,8 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _minilm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """``--model minilm``: :func:`qetjax.eval.run` with the command's options, printed as markdown."""
-    from qetjax import eval as ev
+    """``--model minilm``: :func:`qetjax.bench.minilm.run` with the command's options, printed as markdown."""
+    from qetjax.bench import minilm as ev
 
     try:
         for c in args.methods:

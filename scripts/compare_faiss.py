@@ -36,7 +36,7 @@ from qetjax.metrics import time_fn
 def qet_paper(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
     """The QET paper's data (from qetjax.data when present)."""
     try:
-        from qetjax.data import qet_paper as make
+        from qetjax.bench.data import qet_paper as make
     except ImportError:
         k1, k2, k3 = jax.random.split(key, 3)
         x = 0.5 + 0.16 * jax.random.truncated_normal(k1, -0.5 / 0.16, 0.5 / 0.16, shape)

@@ -1,4 +1,4 @@
-"""Quantized MiniLM-L6 end metrics at 2, 3, 4 stored bits per weight (a thin runner of ``qetjax.eval.run``).
+"""Quantized MiniLM-L6 end metrics at 2, 3, 4 stored bits per weight (a thin runner of ``qetjax.bench.minilm.run``).
 
 Weights: the 36 linear kernels (quantized as ``[out, in]``, rows = output channels, unless
 ``--layout in_out``) and, separately, the word-embedding table, each leaf with
@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 
-from qetjax import eval as ev
+from qetjax.bench import minilm as ev
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="128 sentences at max_length 64 (else 512 at 128); see qetjax.eval.SIZES")
+    ap.add_argument("--quick", action="store_true", help="128 sentences at max_length 64 (else 512 at 128); see qetjax.bench.minilm.SIZES")
     ap.add_argument("--calib-sentences", type=int, help="calibration sentences (default 1024)")
     ap.add_argument("--methods", nargs="+", help="configs method[:opt=value...][+gptq] (default: every budgeted method)")
     ap.add_argument("--bits", nargs="+", type=float, default=[2.0, 3.0, 4.0])

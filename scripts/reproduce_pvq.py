@@ -17,8 +17,8 @@ import numpy as np
 
 import qetjax
 from qetjax import gptq, metrics
-from qetjax.pvq import enumeration, gains as gain_lib, projection
-from qetjax.pvq.quantizer import _normalized, _scales, _shapes_and_gains
+from qetjax.methods.pvq import enumeration, gains as gain_lib, projection
+from qetjax.methods.pvq.quantizer import _normalized, _scales, _shapes_and_gains
 
 SLB_OFFSET_DB = {"gaussian": 0.0, "laplacian": 10 * math.log10(math.pi / math.e)}  # Shannon lower bound
 
@@ -134,7 +134,7 @@ def part_hadamard(quick: bool) -> None:
 
 
 def _minilm_layers(quick: bool):
-    from qetjax import corpus
+    from qetjax.bench import corpus
     from qetjax.models import minilm
 
     _, params, tok = minilm.load_pretrained()

@@ -27,11 +27,12 @@ import jax
 import numpy as np
 
 import qetjax
-from qetjax import data, metrics, swap_tree
-from qetjax.qet import qet
+from qetjax import metrics, swap_tree
+from qetjax.bench import data
+from qetjax.methods.qet import qet
 
 try:
-    from qetjax import opq as _opq  # noqa: F401  (registers "opq")
+    from qetjax.methods import opq as _opq  # noqa: F401  (registers "opq")
 
     HAVE_OPQ = True
 except ImportError:

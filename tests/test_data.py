@@ -1,11 +1,11 @@
-"""Tests of qetjax.data."""
+"""Tests of qetjax.bench.data."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qetjax import data
+from qetjax.bench import data
 
 
 @pytest.mark.parametrize("fn", [data.qet_paper, data.gaussian, data.laplacian])

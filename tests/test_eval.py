@@ -12,8 +12,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import qetjax  # noqa: E402
-from qetjax import eval as ev  # noqa: E402
-from qetjax.corpus import stdlib_sentences  # noqa: E402
+from qetjax.bench import minilm as ev  # noqa: E402
+from qetjax.bench.corpus import stdlib_sentences  # noqa: E402
 from qetjax.models import minilm  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "minilm_reference.npz"

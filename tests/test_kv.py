@@ -12,7 +12,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import qetjax  # noqa: E402
 from qetjax import kv as kvq  # noqa: E402
-from qetjax.eval import attention_errors  # noqa: E402
+from qetjax.bench.minilm import attention_errors  # noqa: E402
 from qetjax.models import minilm  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "minilm_reference.npz"

@@ -7,7 +7,7 @@ import pytest
 
 import qetjax
 from qetjax.core import stored_bits
-from qetjax.lopq import cell_slots, lopq
+from qetjax.methods.lopq import cell_slots, lopq
 
 KEY = jax.random.key(0)
 N, W, D, K, C = 512, 8, 4, 8, 4

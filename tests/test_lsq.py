@@ -8,7 +8,7 @@ import pytest
 import qetjax
 from qetjax.core import stored_bits
 from qetjax.packing import code_width
-from qetjax.lsq import least_squares_codebooks, local_search, lsq, reconstruct
+from qetjax.methods.lsq import least_squares_codebooks, local_search, lsq, reconstruct
 
 KEY = jax.random.key(0)
 N, W, M, K = 256, 8, 2, 8
@@ -44,7 +44,7 @@ def test_icm_finds_the_optimum_with_one_codebook():
 
 def test_icm_sweep_is_coordinate_descent_like_numpy():
     # Each codebook in turn takes the code minimising the error given the others' current codes.
-    from qetjax.lsq import _icm_sweep
+    from qetjax.methods.lsq import _icm_sweep
 
     cb = np.asarray(jax.random.normal(jax.random.key(1), (3, K, W)), np.float64)
     start = np.asarray(jax.random.randint(jax.random.key(2), (N, 3), 0, K))

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qetjax import packing
-from qetjax.pvq import bitstream, enumeration as en
+from qetjax.methods.pvq import bitstream, enumeration as en
 import qetjax
 
 

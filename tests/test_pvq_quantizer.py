@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import qetjax
-from qetjax.pvq import enumeration, gains, projection
+from qetjax.methods.pvq import enumeration, gains, projection
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_fit_once_encode_many(gaussian):
 
 @pytest.mark.parametrize("bpe", [2.0, 2.37, 3.0, 4.0])
 def test_budget_fits_and_is_tight(bpe):
-    from qetjax.pvq.quantizer import stored_size
+    from qetjax.methods.pvq.quantizer import stored_size
 
     shape = (64, 256)
     q = qetjax.for_budget("pvq", shape, bpe, group_size=32)

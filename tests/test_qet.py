@@ -11,7 +11,7 @@ import qetjax
 from qetjax import swap_tree
 from qetjax.core import Spec, from_spec, stored_bits
 from qetjax.packing import code_width, num_words
-from qetjax.qet import qet, qet_for_budget, qet_paper, qet_residual
+from qetjax.methods.qet import qet, qet_for_budget, qet_paper, qet_residual
 
 KEY = jax.random.key(0)
 

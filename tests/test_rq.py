@@ -8,7 +8,7 @@ import pytest
 import qetjax
 from qetjax.core import stored_bits
 from qetjax.packing import code_width
-from qetjax.rq import rq
+from qetjax.methods.rq import rq
 
 KEY = jax.random.key(0)
 N, W, K = 512, 8, 16
@@ -69,7 +69,7 @@ def test_refinement_never_worse_on_training_data():
 def test_refinement_solves_the_rank_deficient_least_squares_like_numpy():
     # Each stage's one-hot columns sum to ones, so B is rank deficient; the refinement
     # takes the minimum-norm solution, as numpy's float64 lstsq does.
-    from qetjax.rq import _least_squares
+    from qetjax.methods.rq import _least_squares
 
     codes = jax.random.randint(jax.random.key(1), (300, 3), 0, 5)
     x = jax.random.normal(jax.random.key(2), (300, 4))

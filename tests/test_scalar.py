@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import qetjax
 from qetjax.core import stored_bits
-from qetjax.scalar import lloyd_max_levels, quantize_to_levels, rtn_group_sizes
+from qetjax.methods.scalar import lloyd_max_levels, quantize_to_levels, rtn_group_sizes
 
 KEY = jax.random.key(0)
 

@@ -6,11 +6,11 @@ returns a :class:`~qetjax.core.Quantizer` (it calls :func:`pvq`), while the exac
 enumeration lives beside it: ``qetjax.pvq.num_points(D, K)``,
 ``qetjax.pvq.encode_index(y)``, ``qetjax.pvq.decode_index(index, D, K)``.
 
-Submodules: :mod:`~qetjax.pvq.enumeration` (exact multi-limb indices),
-:mod:`~qetjax.pvq.projection` (greedy and round-and-fix),
-:mod:`~qetjax.pvq.gains` (Beta quantiles, Lloyd-Max),
-:mod:`~qetjax.pvq.bitstream` (packing of wide indices),
-:mod:`~qetjax.pvq.quantizer` (the method and its budget solver).
+Submodules: :mod:`~qetjax.methods.pvq.enumeration` (exact multi-limb indices),
+:mod:`~qetjax.methods.pvq.projection` (greedy and round-and-fix),
+:mod:`~qetjax.methods.pvq.gains` (Beta quantiles, Lloyd-Max),
+:mod:`~qetjax.methods.pvq.bitstream` (packing of wide indices),
+:mod:`~qetjax.methods.pvq.quantizer` (the method and its budget solver).
 
 Example:
     >>> import jax, qetjax
@@ -23,8 +23,8 @@ Example:
 import sys
 import types
 
-from qetjax.pvq.enumeration import decode_index, encode_index, index_bits, num_points
-from qetjax.pvq.quantizer import pvq
+from qetjax.methods.pvq.enumeration import decode_index, encode_index, index_bits, num_points
+from qetjax.methods.pvq.quantizer import pvq
 
 __all__ = ["decode_index", "encode_index", "index_bits", "num_points", "pvq"]
 

@@ -55,7 +55,7 @@ from qetjax.core import (
     register_method,
     transformed,
 )
-from qetjax.pq import default_subvector_dim, merge, pq, split, store_codebook
+from qetjax.methods.pq import default_subvector_dim, merge, pq, split, store_codebook
 
 
 @pytree_dataclass
@@ -222,7 +222,7 @@ def opq_for_budget(
     Args:
       shape: matrix shape.
       bits_per_element: budget (codes + codebooks + rotation).
-      subvector_dim: defaults to :func:`qetjax.pq.default_subvector_dim`.
+      subvector_dim: defaults to :func:`qetjax.methods.pq.default_subvector_dim`.
       **options: other :func:`opq` arguments (``rotation_dtype``, ...).
     """
     d = subvector_dim or default_subvector_dim(shape[1], bits_per_element)

@@ -51,7 +51,7 @@ from qetjax.core import (
     stored_bits,
 )
 from qetjax.packing import code_width, pack
-from qetjax.pq import Codebook, PQCodes
+from qetjax.methods.pq import Codebook, PQCodes
 
 # Entries of the [rows, M, K] blocks of one chunk of rows during encoding.
 _BLOCK = 1 << 21

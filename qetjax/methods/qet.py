@@ -42,8 +42,8 @@ from qetjax.core import (
     stored_bits,
     transformed,
 )
-from qetjax.pq import pq, pq_for_budget
-from qetjax.scalar import rtn_for_budget
+from qetjax.methods.pq import pq, pq_for_budget
+from qetjax.methods.scalar import rtn_for_budget
 
 RESIDUAL_STAGES = ("pq", "rtn", "qet")
 PAPER_SUBSPACES = 8
@@ -194,7 +194,7 @@ def qet_paper(
       bits_per_element: total budget of both stages (every stored bit).
       levels: swap-tree levels of the first stage.
       residual_stage: ``"pq"`` (the release), ``"rtn"`` (round-to-nearest, the
-        most bits and finest groups that fit, :func:`qetjax.scalar.rtn_for_budget`)
+        most bits and finest groups that fit, :func:`qetjax.methods.scalar.rtn_for_budget`)
         or ``"qet"`` (``residual_levels`` levels).
       split: the first stage's share of the budget, ``0 < split < 1``.
       subvector_dim, subspaces: column groups of both stages, as in

@@ -6,7 +6,7 @@ is projected onto ``S(D, K)`` (``K = pulses``) giving ``y``; its shape is
 ``u = y / ||y||`` and its gain the projection ``g = <x_g, u>``. Stored:
 
 - ``codes``: the index of ``y`` in ``[0, V(D, K))``, ``ceil(log2 V)`` bits per
-  group, bit-packed (:mod:`qetjax.pvq.bitstream`);
+  group, bit-packed (:mod:`qetjax.methods.pvq.bitstream`);
 - ``gains``: a ``gain_bits``-bit level index per group, bit-packed;
 - ``scales``: float16 gain scale (maximum gain) per row (``gain_scale="row"``)
   or one per tensor (``"tensor"``), fitted (params);
@@ -48,7 +48,7 @@ from qetjax.core import (
     stored_bits,
     transformed,
 )
-from qetjax.pvq import bitstream, enumeration, gains as gain_lib, projection
+from qetjax.methods.pvq import bitstream, enumeration, gains as gain_lib, projection
 from qetjax.rotations import hadamard_block, hadamard_transform
 
 GAIN_SCALES = ("row", "tensor")

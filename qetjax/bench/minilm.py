@@ -56,7 +56,7 @@ from qetjax import gptq
 from qetjax import kv as kvq
 from qetjax.budget import allocate, for_budget
 from qetjax.core import METHODS
-from qetjax.corpus import stdlib_sentences
+from qetjax.bench.corpus import stdlib_sentences
 from qetjax.io import save
 from qetjax.models import minilm
 from qetjax.models.minilm import attention
@@ -538,7 +538,7 @@ def peak_memory(config: Config, budget: float) -> dict:
     (the first result freed) reuses the compiled code. Reported beside the model's fp32 size,
     the quantized leaves' fp32 size and the largest quantized leaf's fp32 size (MiB).
     """
-    code = "import sys; from qetjax.eval import memory_child; memory_child(sys.argv[1], float(sys.argv[2]))"
+    code = "import sys; from qetjax.bench.minilm import memory_child; memory_child(sys.argv[1], float(sys.argv[2]))"
     out = subprocess.run([sys.executable, "-c", code, config.label, str(budget)], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
     return {"part": "memory", "config": config.label, "budget": budget, **json.loads(out.stdout.splitlines()[-1])}
