@@ -16,18 +16,56 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from qetjax.core import METHODS, Quantizer, stored_bits
 
 
+MAX_BITS_PER_ELEMENT = 1024.0
+"""The largest budget :func:`for_budget` accepts (far above any float storage: a guard against typos)."""
+
+
+def _check_number(name: str, value: Any) -> float:
+    """A finite real number (Python or numpy scalar, or a 0-d int/float array; not a bool) as a float."""
+    dtype = getattr(value, "dtype", None)
+    scalar_array = getattr(value, "shape", None) == () and dtype is not None and np.dtype(dtype).kind in "iuf"
+    if isinstance(value, (bool, np.bool_)) or not (isinstance(value, (int, float)) or scalar_array):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_shape(shape: Any) -> tuple[int, int]:
+    """Validates a 2-D matrix shape of positive integers and returns it as a tuple of ints.
+
+    Raises:
+      TypeError: ``shape`` is not a sequence of integers (floats such as ``3.5`` are refused,
+        not truncated).
+      ValueError: not 2-D, or a size below 1.
+
+    Example:
+        >>> check_shape(np.array([4096, 512]))
+        (4096, 512)
+    """
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__"):
+        raise TypeError(f"shape must be a sequence of two ints, got {type(shape).__name__}")
+    sizes = tuple(shape)
+    for s in sizes:
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
+            raise TypeError(f"shape must hold ints, got {sizes!r}")
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise ValueError(f"shape must be 2-D with positive sizes, got {sizes}")
+    return int(sizes[0]), int(sizes[1])
+
+
 def _check_budget(shape: Sequence[int], bits_per_element: float) -> tuple[tuple[int, int], float]:
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 2 or min(shape) < 1:
-        raise ValueError(f"shape must be 2-D with positive sizes, got {shape}")
-    if isinstance(bits_per_element, bool) or not isinstance(bits_per_element, (int, float)):
-        raise TypeError(f"bits_per_element must be a number, got {type(bits_per_element).__name__}")
-    if not bits_per_element > 0:
-        raise ValueError(f"bits_per_element must be > 0, got {bits_per_element}")
-    return shape, float(bits_per_element)
+    shape = check_shape(shape)
+    bits_per_element = _check_number("bits_per_element", bits_per_element)
+    if not 0 < bits_per_element <= MAX_BITS_PER_ELEMENT:
+        raise ValueError(f"bits_per_element must be in (0, {MAX_BITS_PER_ELEMENT:g}], got {bits_per_element}")
+    return shape, bits_per_element
 
 
 def for_budget(method: str, shape: Sequence[int], bits_per_element: float, **options: Any) -> Quantizer:
@@ -45,9 +83,12 @@ def for_budget(method: str, shape: Sequence[int], bits_per_element: float, **opt
       bits_per_element * shape[0] * shape[1]``.
 
     Raises:
-      ValueError: unknown method, or no configuration fits the budget.
+      TypeError: a shape that is not a sequence of ints, a budget that is not a number.
+      ValueError: unknown method, a shape that is not 2-D and positive, a budget that is
+        not finite or not in ``(0, MAX_BITS_PER_ELEMENT]``, or no configuration fits the
+        budget (the message says what the smallest one needs).
     """
-    if method not in METHODS or METHODS[method].budget is None:
+    if not isinstance(method, str) or method not in METHODS or METHODS[method].budget is None:
         known = sorted(n for n, m in METHODS.items() if m.budget is not None)
         raise ValueError(f"method must be one of {known}, got {method!r}")
     shape, bits_per_element = _check_budget(shape, bits_per_element)
@@ -71,7 +112,7 @@ def largest_fitting(
       ValueError: ``values`` is empty, or even ``make(values[0])`` exceeds the budget.
     """
     if len(values) == 0:
-        raise ValueError("values must not be empty")
+        raise ValueError("values must not be empty (no configuration to choose from)")
     limit = budget_bits(shape, bits_per_element)
     lo, hi = 0, len(values) - 1
     smallest = stored_bits(make(values[0]), shape)
@@ -125,6 +166,14 @@ def allocate(
     """
     if set(sensitivity) != set(sizes) or not sizes:
         raise ValueError("sensitivity and sizes must name the same, non-empty set of leaves")
+    bits_per_element, reference_bits = (_check_number(n, v) for n, v in
+                                        (("bits_per_element", bits_per_element), ("reference_bits", reference_bits)))
+    min_bits, max_bits = _check_number("min_bits", min_bits), _check_number("max_bits", max_bits)
+    for k, s in sensitivity.items():
+        _check_number(f"sensitivity[{k!r}]", s)
+    for k, n in sizes.items():
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"sizes[{k!r}] must be an int, got {type(n).__name__}")
     if not min_bits <= bits_per_element <= max_bits:
         raise ValueError(f"bits_per_element={bits_per_element} must lie in [min_bits={min_bits}, max_bits={max_bits}]")
     if any(not s >= 0 for s in sensitivity.values()) or any(int(n) < 1 for n in sizes.values()):

@@ -88,22 +88,38 @@ def test_for_budget_unknown_method():
         qetjax.for_budget("residual", (8, 4), 2.0)
 
 
-@pytest.mark.parametrize("bpe", [0, -1.0, float("nan")])
-def test_for_budget_bad_budget_value(bpe):
-    with pytest.raises(ValueError, match="bits_per_element must be > 0"):
+@pytest.mark.parametrize(
+    "bpe, match",
+    [(0, "in \\(0, 1024\\]"), (-1.0, "in \\(0, 1024\\]"), (1e30, "in \\(0, 1024\\]"), (float("nan"), "finite"),
+     (float("inf"), "finite"), (np.float32("nan"), "finite")],
+)
+def test_for_budget_bad_budget_value(bpe, match):
+    with pytest.raises(ValueError, match="bits_per_element must be " + match):
         qetjax.for_budget("pq", (8, 4), bpe)
 
 
-@pytest.mark.parametrize("bpe", ["2", None, True, [2.0]])
+@pytest.mark.parametrize("bpe", ["2", None, True, np.bool_(True), [2.0], np.array([3.0])])
 def test_for_budget_bad_budget_type(bpe):
     with pytest.raises(TypeError, match="bits_per_element must be a number"):
         qetjax.for_budget("pq", (8, 4), bpe)
+
+
+@pytest.mark.parametrize("bpe", [np.float32(3), np.float64(3), np.int64(3), jnp.float32(3), 3])
+def test_for_budget_accepts_numpy_and_jax_scalars(bpe):
+    assert qetjax.for_budget("rtn", (8, 32), bpe) is qetjax.for_budget("rtn", (8, 32), 3.0)
 
 
 @pytest.mark.parametrize("shape", [(8,), (8, 4, 2), (0, 4), (8, 0), (-1, 4), ()])
 def test_for_budget_bad_shape(shape):
     with pytest.raises(ValueError, match="shape must be 2-D with positive sizes"):
         qetjax.for_budget("pq", shape, 2.0)
+
+
+@pytest.mark.parametrize("shape", [(8.5, 4), (8.0, 4), ("8", 4), (True, 4), "84", 8, None])
+def test_for_budget_non_integer_shape(shape):
+    with pytest.raises(TypeError, match="shape must"):
+        qetjax.for_budget("pq", shape, 2.0)
+    assert budget.check_shape(np.array([8, 4])) == (8, 4) and budget.check_shape([np.int32(8), 4]) == (8, 4)
 
 
 @given(st.lists(st.tuples(st.floats(0, 1), st.integers(1, 10**6)), min_size=1, max_size=12),
@@ -131,3 +147,11 @@ def test_allocate_follows_the_loss_density_and_checks_input():
         budget.allocate({"a": 1.0}, {"a": 1}, 1.0, 3.0)
     with pytest.raises(ValueError, match=">= 0"):
         budget.allocate({"a": -1.0}, {"a": 1}, 3.0, 3.0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            budget.allocate({"a": bad}, {"a": 1}, 3.0, 3.0)
+        with pytest.raises(ValueError, match="finite"):
+            budget.allocate({"a": 1.0}, {"a": 1}, 3.0, bad)
+    with pytest.raises(TypeError, match="sizes\\['a'\\] must be an int"):
+        budget.allocate({"a": 1.0}, {"a": 1.5}, 3.0, 3.0)
+    assert budget.allocate({"a": jnp.float32(1.0)}, {"a": np.int64(4)}, np.float32(3.0), 3) == {"a": 3.0}
