@@ -12,7 +12,7 @@ import importlib as _importlib
 import sys as _sys
 
 # Engines and helpers, as modules.
-from qetjax import gptq, kmeans, kv, metrics, packing, rotations, swap_tree
+from qetjax import codebooks, combinators, gptq, kmeans, kv, metrics, packing, rotations, swap_tree
 from qetjax.bench import data
 from qetjax.methods import pvq
 
@@ -29,9 +29,9 @@ from qetjax.core import (
     fit,
     quantize,
     quantize_batch,
-    residual,
     stored_bits,
 )
+from qetjax.combinators import residual
 
 # Methods (each registers its constructor and budget solver on import).
 from qetjax.methods.lopq import lopq
@@ -54,3 +54,15 @@ _MOVED = {"scalar": "methods.scalar", "pq": "methods.pq", "qet": "methods.qet", 
 for _old, _new in _MOVED.items():
     _sys.modules[f"{__name__}.{_old}"] = _importlib.import_module(f"{__name__}.{_new}")
 del _old, _new
+
+__all__ = [
+    # modules
+    "codebooks", "combinators", "data", "gptq", "kmeans", "kv", "metrics", "packing", "pvq", "rotations", "swap_tree",
+    # the core abstraction
+    "METHODS", "QuantizedArray", "Quantizer", "Spec", "bits", "dequantize", "encode_with", "fit", "for_budget",
+    "quantize", "quantize_batch", "residual", "stored_bits",
+    # methods
+    "lloyd_max", "lopq", "lsq", "opq", "pq", "qet", "qet_paper", "qet_residual", "rq", "rtn",
+    # parameter trees and files
+    "dequantize_tree", "load", "quantize_tree", "save",
+]

@@ -113,12 +113,16 @@ class Quantizer(NamedTuple):
       decode: ``(params, codes) -> x̂``; a float32 matrix of the encoded shape.
       spec: name and arguments of the constructor that built it (``None`` for an
         unregistered, ad-hoc quantizer, which cannot be saved or self-decoded).
+      column_group: the width of the column groups whose encoding, given the fitted
+        params, depends only on those columns (GPTQ's granularity: ``rtn`` with a
+        ``group_size``, ``pvq``'s groups), or ``None`` when encoding couples a whole row.
     """
 
     fit: Callable[[PRNGKey, Array], Any]
     encode: Callable[[Any, Array], Any]
     decode: Callable[[Any, Any], Array]
     spec: Spec | None = None
+    column_group: int | None = None
 
 
 class Method(NamedTuple):
@@ -456,104 +460,3 @@ def _stored_bits(q: Quantizer, shape: tuple[int, ...]) -> int:
     """Cached :func:`stored_bits` (budget solvers measure the same candidates often)."""
     out = jax.eval_shape(functools.partial(_fit_then_encode, q), jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))
     return bits(QuantizedArray(*out, q.spec, shape, "float32"))["total"]
-
-
-# --------------------------------------------------------------------------- combinators
-
-
-class Transform(NamedTuple):
-    """A reversible transform put in front of a quantizer.
-
-    Attributes:
-      fit: ``(key, x) -> tparams``, shared state (``None`` when there is none).
-      forward: ``(tparams, x) -> (y, side)``; ``side`` is per-data side
-        information that is stored (e.g. indicator maps), or ``None``.
-      inverse: ``(tparams, y, side) -> x``.
-    """
-
-    fit: Callable[[PRNGKey, Array], Any]
-    forward: Callable[[Any, Array], tuple[Array, Any]]
-    inverse: Callable[[Any, Array, Any], Array]
-
-
-@pytree_dataclass
-class TransformedParams:
-    """Params of ``transformed(t, q)``: the transform's and the inner quantizer's."""
-
-    transform: Any
-    inner: Any
-
-
-@pytree_dataclass
-class TransformedCodes:
-    """Codes of ``transformed(t, q)``: the transform's side information and inner codes."""
-
-    side: Any
-    inner: Any
-
-
-def transformed(t: Transform, q: Quantizer) -> Quantizer:
-    """Puts the reversible transform ``t`` in front of ``q``.
-
-    ``fit`` fits ``t`` then fits ``q`` on the transformed data; ``encode`` stores
-    the transform's side information beside ``q``'s codes; ``decode`` inverts.
-
-    Example:
-        >>> qet = transformed(swap_tree.transform(levels=2), pq(4, 256))
-    """
-
-    def fit_(key: PRNGKey, x: Array) -> TransformedParams:
-        k1, k2 = jax.random.split(key)
-        tp = t.fit(k1, x)
-        y, _ = t.forward(tp, x)
-        return TransformedParams(tp, q.fit(k2, y))
-
-    def encode_(p: TransformedParams, x: Array) -> TransformedCodes:
-        y, side = t.forward(p.transform, x)
-        return TransformedCodes(side, q.encode(p.inner, y))
-
-    def decode_(p: TransformedParams, c: TransformedCodes) -> Array:
-        return t.inverse(p.transform, q.decode(p.inner, c.inner), c.side)
-
-    return Quantizer(fit_, encode_, decode_)
-
-
-@register_method("residual")
-def residual(*quantizers: Quantizer) -> Quantizer:
-    """Residual quantization by stages: each stage quantizes what the previous left.
-
-    ``decode`` sums the stages' decodings. With stages that are optimal for their
-    input (k-means codebooks), adding a stage never increases the error on the
-    training matrix.
-
-    Example:
-        >>> q = residual(pq(4, 256), rtn(2, group_size=64))
-    """
-    if not quantizers:
-        raise ValueError("residual needs at least one quantizer")
-    for i, qi in enumerate(quantizers):
-        if not isinstance(qi, Quantizer):
-            raise TypeError(f"quantizers[{i}] must be a Quantizer, got {type(qi).__name__}")
-
-    def fit_and_encode(key: PRNGKey, x: Array) -> tuple[tuple, tuple]:
-        params, codes, r = [], [], x
-        for qi, ki in zip(quantizers, jax.random.split(key, len(quantizers))):
-            p = qi.fit(ki, r)
-            c = qi.encode(p, r)
-            r = r - qi.decode(p, c)
-            params.append(p)
-            codes.append(c)
-        return tuple(params), tuple(codes)
-
-    def encode_(params: tuple, x: Array) -> tuple:
-        codes, r = [], x
-        for qi, p in zip(quantizers, params):
-            c = qi.encode(p, r)
-            r = r - qi.decode(p, c)
-            codes.append(c)
-        return tuple(codes)
-
-    def decode_(params: tuple, codes: tuple) -> Array:
-        return sum(qi.decode(p, c) for qi, p, c in zip(quantizers, params, codes))
-
-    return Quantizer(lambda k, x: fit_and_encode(k, x)[0], encode_, decode_)

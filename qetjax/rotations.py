@@ -6,9 +6,11 @@
   blocks (see :func:`hadamard_block`), regenerated from a stored 64-bit seed;
   every block gets the same signs, so the rotation of a block does not depend on
   its position (rotating column slices is consistent with rotating the matrix).
-- :func:`hadamard_transform`: the same as a :class:`qetjax.core.Transform`, to put
-  in front of any quantizer (``core.transformed``); it stores only its seed.
+- :func:`hadamard_transform`: the same as a :class:`qetjax.combinators.Transform`, to put
+  in front of any quantizer (``combinators.transformed``); it stores only its seed.
 - :func:`random_orthogonal`: a Haar-random orthogonal matrix.
+- :func:`procrustes`: the orthogonal matrix best mapping one set of rows onto another;
+  :func:`learn_rotation`: OPQ's alternation of Lloyd steps and Procrustes (also LOPQ's).
 
 Rule for widths that are not powers of two: rows of width ``d`` are rotated in
 independent blocks of ``hadamard_block(d)`` = the largest power of two dividing
@@ -26,10 +28,15 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from qetjax.core import PRNGKey, Transform, pytree_dataclass
+from qetjax import codebooks, kmeans
+from qetjax.core import PRNGKey, pytree_dataclass
+from qetjax.combinators import Transform
 
 
 def fwht(x: jax.Array) -> jax.Array:
@@ -91,13 +98,13 @@ class HadamardParams:
 
 
 def hadamard_transform(block: int | None = None) -> Transform:
-    """A randomized Hadamard rotation of rows as a :class:`~qetjax.core.Transform`.
+    """A randomized Hadamard rotation of rows as a :class:`~qetjax.combinators.Transform`.
 
     Args:
       block: rotation block size (see :func:`randomized_hadamard`).
 
     Example:
-        >>> q = core.transformed(hadamard_transform(), some_quantizer)
+        >>> q = combinators.transformed(hadamard_transform(), some_quantizer)
     """
 
     def fit(key: PRNGKey, x: jax.Array) -> HadamardParams:
@@ -118,3 +125,55 @@ def random_orthogonal(key: PRNGKey, n: int) -> jax.Array:
         raise ValueError(f"n must be >= 1, got {n}")
     q, r = jnp.linalg.qr(jax.random.normal(key, (n, n), jnp.float32))
     return q * jnp.sign(jnp.diag(r))[None, :]
+
+
+def procrustes(x: jax.Array, y: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """The orthogonal ``R`` minimising ``sum_i weights_i ||x_i R - y_i||^2``.
+
+    Args:
+      x: ``[n, w]`` source rows.
+      y: ``[n, w]`` target rows.
+      weights: optional ``[n]`` non-negative row weights (e.g. a 0/1 mask).
+
+    Returns:
+      ``float32[w, w]`` orthogonal, ``U V^T`` for the SVD ``x^T diag(weights) y = U Σ V^T``.
+
+    Example:
+        >>> r = procrustes(x, x @ q)   # recovers an orthogonal q
+    """
+    xw = x if weights is None else x * weights[:, None]
+    u, _, vt = jnp.linalg.svd(xw.T @ y, full_matrices=False)
+    return u @ vt
+
+
+def learn_rotation(
+    x: jax.Array,
+    centroids: jax.Array,
+    iters: int,
+    pq_iters: int,
+    weights: jax.Array | None = None,
+    rotation: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """OPQ's alternation: Lloyd steps on ``x @ R``, then Procrustes, ``iters`` times.
+
+    Args:
+      x: ``[n, w]`` training rows.
+      centroids: ``[S, k, d]`` initial codebooks (of ``x @ rotation``), ``S * d = w``.
+      iters: alternations.
+      pq_iters: hot-started Lloyd steps per alternation.
+      weights: optional ``[n]`` row weights (a mask for LOPQ's cells).
+      rotation: the initial ``R`` (the identity when ``None``).
+
+    Returns:
+      ``(R float32[w, w], codebooks [S, k, d] in the rotated frame)``.
+    """
+    d = centroids.shape[2]
+
+    def body(_: Any, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        r, c = state
+        parts = codebooks.split(x @ r, d)
+        c = kmeans.refine(parts, c, pq_iters, weights)
+        return procrustes(x, codebooks.nearest_reconstruction(parts, c), weights), c
+
+    r0 = jnp.eye(x.shape[1], dtype=jnp.float32) if rotation is None else rotation
+    return lax.fori_loop(0, iters, body, (r0, centroids))

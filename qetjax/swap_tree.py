@@ -62,7 +62,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qetjax.core import Transform, pytree_dataclass, static_field
+from qetjax.core import pytree_dataclass, static_field
+from qetjax.combinators import Transform
 
 
 @pytree_dataclass
@@ -345,13 +346,13 @@ def inverse(y: jax.Array, indicators: Indicators | jax.Array, levels: int) -> ja
 
 
 def transform(levels: int) -> Transform:
-    """The swap tree as a :class:`qetjax.core.Transform` (no fitted state).
+    """The swap tree as a :class:`qetjax.combinators.Transform` (no fitted state).
 
     ``forward`` returns ``(y, side)`` with ``side`` the packed :class:`Indicators`,
     which are stored (and counted by ``qetjax.bits`` under ``"indicators"``).
 
     Example:
-        >>> q = qetjax.core.transformed(transform(2), qetjax.pq(4, 256))
+        >>> q = qetjax.combinators.transformed(transform(2), qetjax.pq(4, 256))
     """
     if isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 0:
         raise ValueError(f"levels must be a non-negative Python int, got {levels!r}")

@@ -51,48 +51,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qetjax.core import (
-    QuantizedArray,
-    Quantizer,
-    Transform,
-    TransformedCodes,
-    TransformedParams,
-    bits,
-    dequantize,
-    quantize,
-    register_method,
-    transformed,
-)
+from qetjax.core import QuantizedArray, Quantizer, bits, dequantize, quantize
+from qetjax.combinators import TransformedCodes, TransformedParams, transposed
 
 PolicyFn = Callable[[str, Any], "Quantizer | None"]
 Policy = PolicyFn | Sequence[tuple[str, "Quantizer | None"]] | Quantizer
 LAYOUTS = ("in_out", "out_in")
-
-
-def _transpose(_: Any, x: jax.Array) -> tuple[jax.Array, None]:
-    return x.T, None
-
-
-_TRANSPOSE = Transform(fit=lambda key, x: None, forward=_transpose, inverse=lambda _, y, side: y.T)
-
-
-@register_method("transposed")
-def transposed(q: Quantizer) -> Quantizer:
-    """``q`` applied to the transpose: stores ``q``'s representation of ``x.T``, decodes to ``x``.
-
-    For a Flax kernel ``[in, out]`` this quantizes ``[out, in]``: rows (scale groups, PQ/PVQ
-    subvectors) run along the input dimension, one row per output channel. Nothing extra is
-    stored; a budget solver for ``q`` must be given the transposed shape.
-
-    Example:
-        >>> w = jnp.ones((384, 1536))  # Flax kernel [in, out]
-        >>> qa = qetjax.quantize(transposed(qetjax.for_budget("rtn", w.T.shape, 4.25)), key, w)
-        >>> qetjax.dequantize(qa).shape
-        (384, 1536)
-    """
-    if not isinstance(q, Quantizer):
-        raise TypeError(f"q must be a Quantizer, got {type(q).__name__}")
-    return transformed(_TRANSPOSE, q)
 
 
 def as_transposed(qa: QuantizedArray) -> QuantizedArray:

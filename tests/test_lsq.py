@@ -8,7 +8,8 @@ import pytest
 import qetjax
 from qetjax.core import stored_bits
 from qetjax.packing import code_width
-from qetjax.methods.lsq import least_squares_codebooks, local_search, lsq, reconstruct
+from qetjax.codebooks import additive_reconstruction as reconstruct, least_squares_codebooks
+from qetjax.methods.lsq import local_search, lsq
 
 KEY = jax.random.key(0)
 N, W, M, K = 256, 8, 2, 8

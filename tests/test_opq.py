@@ -7,7 +7,8 @@ import pytest
 
 import qetjax
 from qetjax.core import stored_bits
-from qetjax.methods.opq import opq, procrustes
+from qetjax.methods.opq import opq
+from qetjax.rotations import procrustes
 
 KEY = jax.random.key(0)
 N, W, D, K = 512, 16, 4, 16

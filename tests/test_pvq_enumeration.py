@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qetjax import packing
-from qetjax.methods.pvq import bitstream, enumeration as en
+from qetjax import packing
+from qetjax.methods.pvq import enumeration as en
 import qetjax
 
 
@@ -131,11 +132,11 @@ def test_pack_limbs_is_an_exact_bit_stream(width):
     values = [rng.getrandbits(width) for _ in range(count)]
     values[0] = (1 << width) - 1
     arr = np.stack([en.int_to_limbs(v, limbs) for v in values])
-    words = jax.jit(bitstream.pack_limbs, static_argnums=1)(jnp.asarray(arr), width)
+    words = jax.jit(packing.pack_limbs, static_argnums=1)(jnp.asarray(arr), width)
     assert words.shape == (packing.num_words(count, width),)  # stored bits = width*count, up to the last word
     stream = sum(int(w) << (32 * j) for j, w in enumerate(np.asarray(words)))
     assert stream == sum(v << (width * g) for g, v in enumerate(values))
-    np.testing.assert_array_equal(np.asarray(jax.jit(bitstream.unpack_limbs, static_argnums=(1, 2))(words, width, count)), arr)
+    np.testing.assert_array_equal(np.asarray(jax.jit(packing.unpack_limbs, static_argnums=(1, 2))(words, width, count)), arr)
     if width <= 32:  # same layout as the core packer
         np.testing.assert_array_equal(np.asarray(packing.pack(jnp.asarray(np.array(values, np.uint32)), width)),
                                       np.asarray(words))
@@ -143,4 +144,4 @@ def test_pack_limbs_is_an_exact_bit_stream(width):
 
 def test_unpack_limbs_rejects_wrong_length():
     with pytest.raises(ValueError, match="words"):
-        bitstream.unpack_limbs(jnp.zeros(3, jnp.uint32), 40, 10)
+        packing.unpack_limbs(jnp.zeros(3, jnp.uint32), 40, 10)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import qetjax
 from qetjax import packing, swap_tree
-from qetjax.core import transformed
+from qetjax.combinators import transformed
 
 
 def reference(x: np.ndarray, levels: int) -> tuple[np.ndarray, list[np.ndarray]]:

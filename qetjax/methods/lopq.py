@@ -40,9 +40,9 @@ from jax import lax
 from qetjax import kmeans
 from qetjax.budget import largest_fitting
 from qetjax.core import Quantizer, check_int, check_storage_dtype, pytree_dataclass, register_budget, register_method, static_field
-from qetjax.methods.opq import learn_rotation
 from qetjax.packing import code_width, pack, unpack
-from qetjax.methods.pq import default_subvector_dim, merge, split
+from qetjax.codebooks import default_subvector_dim, split
+from qetjax.rotations import learn_rotation
 
 
 @pytree_dataclass
@@ -216,7 +216,7 @@ def lopq_for_budget(
       bits_per_element: budget (everything in the module doc counts).
       num_coarse: coarse cells; ``None`` takes 4 if any LOPQ with 4 cells fits,
         else 2 (per-cell ``w x w`` rotations are costly).
-      subvector_dim: defaults to :func:`qetjax.methods.pq.default_subvector_dim`.
+      subvector_dim: defaults to :func:`qetjax.codebooks.default_subvector_dim`.
       **options: other :func:`lopq` arguments.
 
     Raises:

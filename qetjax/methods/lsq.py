@@ -40,33 +40,20 @@ import jax.numpy as jnp
 from jax import lax
 
 from qetjax import kmeans
+from qetjax.codebooks import Codebook, PQCodes, additive_reconstruction, least_squares_codebooks
 from qetjax.budget import budget_bits, largest_fitting
 from qetjax.core import (
     Quantizer,
     check_int,
     check_storage_dtype,
-    pytree_dataclass,
     register_budget,
     register_method,
     stored_bits,
 )
 from qetjax.packing import code_width, pack
-from qetjax.methods.pq import Codebook, PQCodes
 
 # Entries of the [rows, M, K] blocks of one chunk of rows during encoding.
 _BLOCK = 1 << 21
-
-
-def reconstruct(cb: jax.Array, codes: jax.Array) -> jax.Array:
-    """``sum_m cb[m, codes[:, m]]``: codebooks ``[M, K, w]``, codes ``int32[n, M]`` -> ``[n, w]``.
-
-    One ``[n, w]`` gather-and-add per codebook (a single gather of all of them
-    followed by a sum materialises ``[n, M, w]`` and is many times slower on CPU).
-    """
-    out = cb[0][codes[:, 0]]
-    for m in range(1, cb.shape[0]):
-        out = out + cb[m][codes[:, m]]
-    return out
 
 
 def _icm_sweep(unary: jax.Array, pair: jax.Array, codes: jax.Array) -> jax.Array:
@@ -107,7 +94,7 @@ def local_search(
     pair = 2.0 * jnp.einsum("mkw,ljw->mljk", cb, cb)
 
     def error(c: jax.Array) -> jax.Array:
-        return jnp.sum((x - reconstruct(cb, c)) ** 2, axis=1)
+        return jnp.sum((x - additive_reconstruction(cb, c)) ** 2, axis=1)
 
     def round_(i: jax.Array, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         codes, err = state
@@ -120,20 +107,6 @@ def local_search(
         return jnp.where(better[:, None], new, codes), jnp.where(better, new_err, err)
 
     return lax.fori_loop(0, ils_iters, round_, (codes, error(codes)))[0]
-
-
-def one_hot_codes(codes: jax.Array, k: int) -> jax.Array:
-    """The code matrix ``B[n, M*K]`` of ``codes[n, M]``: row ``i`` has a one in column ``m*K + codes[i, m]``."""
-    num = codes.shape[1]
-    return jax.nn.one_hot(codes + k * jnp.arange(num)[None, :], num * k).sum(1)
-
-
-def least_squares_codebooks(x: jax.Array, codes: jax.Array, k: int, lam: float) -> jax.Array:
-    """Codebooks ``[M, K, w]`` minimising ``||x - B C||^2 + lam ||C||^2`` for one-hot ``B``."""
-    num = codes.shape[1]
-    onehot = one_hot_codes(codes, k)  # [n, M*K]
-    gram = onehot.T @ onehot + lam * jnp.eye(num * k)
-    return jax.scipy.linalg.solve(gram, onehot.T @ x, assume_a="pos").reshape(num, k, x.shape[1])
 
 
 @register_method("lsq")
@@ -221,7 +194,7 @@ def lsq(
         return PQCodes(pack(codes.reshape(-1), width), (x.shape[0], num), width)
 
     def decode(params: Codebook, codes: PQCodes) -> jax.Array:
-        return reconstruct(params.values(), codes.unpacked())
+        return additive_reconstruction(params.values(), codes.unpacked())
 
     return Quantizer(fit, encode, decode)
 

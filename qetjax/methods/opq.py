@@ -18,7 +18,7 @@ seeded k-means starts from the same training points as the alternation did. A
 fresh k-means lands in another local optimum, to which ``R`` is not adapted:
 on a 2048x128 Gaussian matrix (d=8, k=256) it cost 4.4 % of MSE, and was the
 whole of our gap to faiss (1.020 of its MSE; hot-started, 0.975).
-The method is :func:`qetjax.core.transformed` of the
+The method is :func:`qetjax.combinators.transformed` of the
 rotation and :func:`qetjax.pq`: encoding rotates with the *stored* rotation and
 decoding applies its transpose, ``x̂ = ŷ R^T``. The rotation is stored at
 ``rotation_dtype`` (float32 by default, as faiss stores it; float16 halves its
@@ -40,22 +40,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from qetjax import kmeans
 from qetjax.budget import largest_fitting
 from qetjax.core import (
     Quantizer,
-    Transform,
-    TransformedParams,
     check_int,
     check_storage_dtype,
     pytree_dataclass,
     register_budget,
     register_method,
-    transformed,
 )
-from qetjax.methods.pq import default_subvector_dim, merge, pq, split, store_codebook
+from qetjax.combinators import Transform, transformed, TransformedParams
+from qetjax.codebooks import default_subvector_dim, split, store_codebook
+from qetjax.methods.pq import pq
+from qetjax.rotations import learn_rotation, random_orthogonal
 
 
 @pytree_dataclass
@@ -67,70 +66,6 @@ class Rotation:
     def values(self) -> jax.Array:
         """The rotation as float32."""
         return self.rotation.astype(jnp.float32)
-
-
-def procrustes(x: jax.Array, y: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """The orthogonal ``R`` minimising ``sum_i weights_i ||x_i R - y_i||^2``.
-
-    Args:
-      x: ``[n, w]`` source rows.
-      y: ``[n, w]`` target rows.
-      weights: optional ``[n]`` non-negative row weights (e.g. a 0/1 mask).
-
-    Returns:
-      ``float32[w, w]`` orthogonal, ``U V^T`` for the SVD ``x^T diag(weights) y = U Σ V^T``.
-
-    Example:
-        >>> r = procrustes(x, x @ q)   # recovers an orthogonal q
-    """
-    xw = x if weights is None else x * weights[:, None]
-    u, _, vt = jnp.linalg.svd(xw.T @ y, full_matrices=False)
-    return u @ vt
-
-
-def random_rotation(key: jax.Array, w: int) -> jax.Array:
-    """A random orthogonal ``float32[w, w]`` (QR of a Gaussian matrix, signs fixed)."""
-    q, r = jnp.linalg.qr(jax.random.normal(key, (w, w)))
-    return q * jnp.sign(jnp.diagonal(r))[None, :]
-
-
-def reconstruct(parts: jax.Array, centroids: jax.Array) -> jax.Array:
-    """The PQ reconstruction ``[n, S * d]`` of subvectors ``[S, n, d]``."""
-    codes = kmeans.assign(parts, centroids)[0]
-    return merge(jnp.take_along_axis(centroids, codes[..., None], axis=1))
-
-
-def learn_rotation(
-    x: jax.Array,
-    centroids: jax.Array,
-    iters: int,
-    pq_iters: int,
-    weights: jax.Array | None = None,
-    rotation: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """OPQ's alternation: Lloyd steps on ``x @ R``, then Procrustes, ``iters`` times.
-
-    Args:
-      x: ``[n, w]`` training rows.
-      centroids: ``[S, k, d]`` initial codebooks (of ``x @ rotation``), ``S * d = w``.
-      iters: alternations.
-      pq_iters: hot-started Lloyd steps per alternation.
-      weights: optional ``[n]`` row weights (a mask for LOPQ's cells).
-      rotation: the initial ``R`` (the identity when ``None``).
-
-    Returns:
-      ``(R float32[w, w], codebooks [S, k, d] in the rotated frame)``.
-    """
-    d = centroids.shape[2]
-
-    def body(_: Any, state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        r, c = state
-        parts = split(x @ r, d)
-        c = kmeans.refine(parts, c, pq_iters, weights)
-        return procrustes(x, reconstruct(parts, c), weights), c
-
-    r0 = jnp.eye(x.shape[1], dtype=jnp.float32) if rotation is None else rotation
-    return lax.fori_loop(0, iters, body, (r0, centroids))
 
 
 @register_method("opq")
@@ -196,7 +131,7 @@ def opq(
         k_sub, k_rot, k_init = jax.random.split(key, 3)
         if n > max_train:
             x = x[jax.random.choice(k_sub, n, (max_train,), replace=False)]
-        r0 = random_rotation(k_rot, x.shape[1]) if init_rotation == "random" else jnp.eye(x.shape[1])
+        r0 = random_orthogonal(k_rot, x.shape[1]) if init_rotation == "random" else jnp.eye(x.shape[1])
         c0 = kmeans.fit(k_init, split(x @ r0, d), k, init_iters, init, max_points_per_centroid)
         r, c = learn_rotation(x, c0, iters, pq_iters, rotation=r0)
         rotation = Rotation(r.astype(rdtype))
@@ -222,7 +157,7 @@ def opq_for_budget(
     Args:
       shape: matrix shape.
       bits_per_element: budget (codes + codebooks + rotation).
-      subvector_dim: defaults to :func:`qetjax.methods.pq.default_subvector_dim`.
+      subvector_dim: defaults to :func:`qetjax.codebooks.default_subvector_dim`.
       **options: other :func:`opq` arguments (``rotation_dtype``, ...).
     """
     d = subvector_dim or default_subvector_dim(shape[1], bits_per_element)

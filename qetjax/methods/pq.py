@@ -32,89 +32,10 @@ import jax.numpy as jnp
 
 from qetjax import kmeans
 from qetjax.budget import largest_fitting
-from qetjax.core import Quantizer, check_int, check_storage_dtype, pytree_dataclass, register_budget, register_method, static_field
-from qetjax.packing import code_width, pack, unpack
+from qetjax.core import Quantizer, check_int, check_storage_dtype, register_budget, register_method
+from qetjax.codebooks import PQCodes, default_subvector_dim, split, store_codebook
+from qetjax.packing import code_width, pack
 
-
-
-@pytree_dataclass
-class Codebook:
-    """Codebook values stored at a float dtype (``[S, k, d]`` for PQ; RQ and LSQ
-    store their stage or additive codebooks in it too)."""
-
-    codebook: jax.Array
-
-    def values(self) -> jax.Array:
-        """The codebook as float32."""
-        return self.codebook.astype(jnp.float32)
-
-
-@pytree_dataclass
-class QuantizedCodebook:
-    """A codebook round-to-nearest quantized per subspace (CQO).
-
-    Attributes:
-      codebook_codes: packed ``bits``-bit integers, ``S * k * d`` of them.
-      codebook_scales: ``[S, 2]`` float16 minimum and step of each subspace's codebook.
-    """
-
-    codebook_codes: jax.Array
-    codebook_scales: jax.Array
-    shape: tuple[int, int, int] = static_field()
-    bits: int = static_field()
-
-    def values(self) -> jax.Array:
-        """The dequantized codebook as float32 ``[S, k, d]``."""
-        s = self.shape
-        q = unpack(self.codebook_codes, self.bits, s[0] * s[1] * s[2]).reshape(s).astype(jnp.float32)
-        scales = self.codebook_scales.astype(jnp.float32)
-        return scales[:, None, None, 0] + q * scales[:, None, None, 1]
-
-
-def quantize_codebook(c: jax.Array, bits: int) -> QuantizedCodebook:
-    """Round-to-nearest quantization of codebooks ``c[S, k, d]`` to ``bits`` bits each.
-
-    The minimum and the step are rounded to float16 first and the rounding is done
-    against those stored values, so :meth:`QuantizedCodebook.values` is what
-    encoding sees. The top level may exceed the maximum by float16 rounding of the
-    step only; values are clipped to the ``2**bits`` levels.
-    """
-    levels = (1 << bits) - 1
-    lo = c.min(axis=(1, 2))
-    step = (c.max(axis=(1, 2)) - lo) / levels
-    scales = jnp.stack([lo, step], axis=1).astype(jnp.float16)
-    lo16, step16 = scales[:, 0].astype(jnp.float32), scales[:, 1].astype(jnp.float32)
-    safe = jnp.where(step16 > 0, step16, 1.0)
-    q = jnp.clip(jnp.round((c - lo16[:, None, None]) / safe[:, None, None]), 0, levels)
-    return QuantizedCodebook(pack(q.astype(jnp.uint32).reshape(-1), bits), scales, tuple(c.shape), bits)
-
-
-@pytree_dataclass
-class PQCodes:
-    """Bit-packed codes of an ``[n, S]`` code matrix, row-major."""
-
-    codes: jax.Array
-    num_codes: tuple[int, int] = static_field()
-    width: int = static_field()
-
-    def unpacked(self) -> jax.Array:
-        """The ``int32[n, S]`` code matrix."""
-        n, s = self.num_codes
-        return unpack(self.codes, self.width, n * s).reshape(n, s).astype(jnp.int32)
-
-
-def split(x: jax.Array, subvector_dim: int) -> jax.Array:
-    """``x[n, w]`` -> subvectors ``[S, n, d]`` with ``S = w / d``."""
-    n, w = x.shape
-    if w % subvector_dim:
-        raise ValueError(f"subvector_dim={subvector_dim} must divide the width {w} (no padding is done)")
-    return x.reshape(n, w // subvector_dim, subvector_dim).transpose(1, 0, 2)
-
-
-def merge(parts: jax.Array) -> jax.Array:
-    """Inverse of :func:`split`: ``[S, n, d]`` -> ``[n, S * d]``."""
-    s, n, d = parts.shape
-    return parts.transpose(1, 0, 2).reshape(n, s * d)
 
 
 def _training_set(x: jax.Array, subvector_dim: int, shared: bool) -> jax.Array:
@@ -128,14 +49,6 @@ def _encode_parts(parts: jax.Array, centroids: jax.Array, shared: bool) -> jax.A
         s, n, d = parts.shape
         return kmeans.assign(parts.reshape(1, s * n, d), centroids)[0].reshape(s, n)
     return kmeans.assign(parts, centroids)[0]
-
-
-def store_codebook(c: jax.Array, codebook_dtype: str, codebook_bits: int | None) -> Codebook | QuantizedCodebook:
-    """Codebooks ``c[S, k, d]`` as :func:`pq` stores them: rounded to ``codebook_bits``
-    (CQO) when given, else cast to ``codebook_dtype``."""
-    if codebook_bits is not None:
-        return quantize_codebook(c, codebook_bits)
-    return Codebook(c.astype(codebook_dtype))
 
 
 @register_method("pq")
@@ -201,17 +114,6 @@ def pq(
         return flat.reshape(idx.shape[0], -1)
 
     return Quantizer(fit, encode, decode)
-
-
-def default_subvector_dim(width: int, bits_per_element: float) -> int:
-    """The subvector size the budget solver uses unless told otherwise.
-
-    The largest ``d`` in ``1, 2, 4, 8, 16, 32`` dividing ``width`` with
-    ``d * bits_per_element <= 8``, i.e. about 256 centroids, faiss's usual
-    choice; ``1`` when nothing else divides.
-    """
-    fits = [d for d in (1, 2, 4, 8, 16, 32) if width % d == 0 and d * bits_per_element <= 8]
-    return max(fits) if fits else 1
 
 
 @register_budget("pq")

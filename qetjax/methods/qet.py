@@ -33,15 +33,8 @@ from typing import Any
 
 from qetjax import swap_tree
 from qetjax.budget import budget_bits, largest_fitting
-from qetjax.core import (
-    Quantizer,
-    check_int,
-    register_budget,
-    register_method,
-    residual,
-    stored_bits,
-    transformed,
-)
+from qetjax.core import Quantizer, check_int, register_budget, register_method, stored_bits
+from qetjax.combinators import residual, transformed
 from qetjax.methods.pq import pq, pq_for_budget
 from qetjax.methods.scalar import rtn_for_budget
 
@@ -66,7 +59,7 @@ def qet(
     rounded up to whole ``uint32`` words), the PQ codes and the codebooks (at
     ``codebook_dtype``, or ``codebook_bits``-bit CQO). ``levels=0`` is PQ with no
     indicator bits; the inner PQ is fitted with the second half of
-    ``jax.random.split(key)`` (the :func:`qetjax.core.transformed` contract).
+    ``jax.random.split(key)`` (the :func:`qetjax.combinators.transformed` contract).
 
     Args:
       levels: swap-tree levels, ``>= 0``; ``2**levels`` must not exceed the

@@ -58,9 +58,8 @@ from qetjax.core import (
     static_field,
     stored_bits,
 )
-from qetjax.methods.lsq import one_hot_codes
 from qetjax.packing import code_width, pack, unpack
-from qetjax.methods.pq import Codebook, split
+from qetjax.codebooks import Codebook, one_hot_codes, split
 
 # Entries of the [rows, beam, max(k, d)] blocks of one chunk of rows.
 _BLOCK = 1 << 20

@@ -221,7 +221,7 @@ def rtn(
         z = c.zeros.astype(jnp.float32)[..., None]
         return (z + s * q.astype(jnp.float32)).reshape(c.shape)
 
-    return Quantizer(fit, encode, decode)
+    return Quantizer(fit, encode, decode, column_group=group_size if granularity == "group" else None)
 
 
 def rtn_group_sizes(width: int) -> tuple[int, ...]:

@@ -9,7 +9,6 @@ enumeration lives beside it: ``qetjax.pvq.num_points(D, K)``,
 Submodules: :mod:`~qetjax.methods.pvq.enumeration` (exact multi-limb indices),
 :mod:`~qetjax.methods.pvq.projection` (greedy and round-and-fix),
 :mod:`~qetjax.methods.pvq.gains` (Beta quantiles, Lloyd-Max),
-:mod:`~qetjax.methods.pvq.bitstream` (packing of wide indices),
 :mod:`~qetjax.methods.pvq.quantizer` (the method and its budget solver).
 
 Example:

@@ -6,7 +6,7 @@ is projected onto ``S(D, K)`` (``K = pulses``) giving ``y``; its shape is
 ``u = y / ||y||`` and its gain the projection ``g = <x_g, u>``. Stored:
 
 - ``codes``: the index of ``y`` in ``[0, V(D, K))``, ``ceil(log2 V)`` bits per
-  group, bit-packed (:mod:`qetjax.methods.pvq.bitstream`);
+  group, bit-packed (:func:`qetjax.packing.pack_limbs`);
 - ``gains``: a ``gain_bits``-bit level index per group, bit-packed;
 - ``scales``: float16 gain scale (maximum gain) per row (``gain_scale="row"``)
   or one per tensor (``"tensor"``), fitted (params);
@@ -46,9 +46,9 @@ from qetjax.core import (
     register_method,
     static_field,
     stored_bits,
-    transformed,
 )
-from qetjax.methods.pvq import bitstream, enumeration, gains as gain_lib, projection
+from qetjax.combinators import transformed
+from qetjax.methods.pvq import enumeration, gains as gain_lib, projection
 from qetjax.rotations import hadamard_block, hadamard_transform
 
 GAIN_SCALES = ("row", "tensor")
@@ -121,7 +121,7 @@ def _pvq(group_size: int, pulses: int, gain_bits: int, projection_method: str, g
         gain_codes = gain_lib.assign(_normalized(g, params.scales), params.codebook.astype(jnp.float32))
         index = enumeration.encode_limbs(y.reshape(-1, group_size), tables())
         return PVQCodes(
-            bitstream.pack_limbs(index, width),
+            packing.pack_limbs(index, width),
             packing.pack(gain_codes.reshape(-1), gain_bits),
             y.shape[0],
             y.shape[1],
@@ -130,7 +130,7 @@ def _pvq(group_size: int, pulses: int, gain_bits: int, projection_method: str, g
     def decode(params: PVQParams, codes: PVQCodes) -> jax.Array:
         t = tables()
         count = codes.rows * codes.groups_per_row
-        index = bitstream.unpack_limbs(codes.codes, width, count)
+        index = packing.unpack_limbs(codes.codes, width, count)
         index = jnp.pad(index, ((0, 0), (0, t.limbs - index.shape[1])))
         y = enumeration.decode_limbs(index, t).astype(jnp.float32)
         u = y / jnp.sqrt((y * y).sum(-1, keepdims=True))
@@ -184,7 +184,8 @@ def pvq(
     if gain_scale not in GAIN_SCALES:
         raise ValueError(f"gain_scale must be one of {GAIN_SCALES}, got {gain_scale!r}")
     inner = _pvq(group_size, pulses, gain_bits, projection_method, gains, gain_scale)
-    return transformed(hadamard_transform(hadamard_block(group_size)), inner) if rotate else inner
+    q = transformed(hadamard_transform(hadamard_block(group_size)), inner) if rotate else inner
+    return q._replace(column_group=group_size)  # the rotation stays inside each group
 
 
 # --------------------------------------------------------------------------- budget
