@@ -73,7 +73,7 @@ def part_gains(quick: bool) -> None:
     rows = []
     for d, b_total in ((32, 3), (128, 3)):
         q0 = qetjax.for_budget("pvq", shape, b_total, group_size=d, rotate=False, gain_scale="tensor")
-        k, gb = dict(q0.spec.args)["pulses"], dict(q0.spec.args)["gain_bits"]
+        k = dict(q0.spec.args)["pulses"]
         _, g = _shapes_and_gains(x, d, k, "best")
         t = _normalized(g, _scales(g, "tensor").astype(jnp.float32)).reshape(-1)
         for b in (2, 3, 4):
@@ -105,7 +105,7 @@ def part_projection(quick: bool) -> None:
     rows = []
     for d in (32, 128):
         q0 = qetjax.for_budget("pvq", shape, 3.0, group_size=d, rotate=False, gain_scale="tensor")
-        k, gb = dict(q0.spec.args)["pulses"], dict(q0.spec.args)["gain_bits"]
+        k = dict(q0.spec.args)["pulses"]
         xg = x.reshape(-1, d)
         for m in projection.METHODS:
             fn = jax.jit(lambda v, m=m: projection.project(v, k, m))

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qetjax import packing
-from qetjax import packing
 from qetjax.methods.pvq import enumeration as en
 import qetjax
 
