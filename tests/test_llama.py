@@ -264,3 +264,24 @@ def test_bad_input(small):
         llama.logits({"embed": 1}, jnp.ones((1, 3), jnp.int32))
     with pytest.raises(ValueError, match="num_layers"):
         llama.first_layers(small, 3)
+
+
+def test_perplexity_equals_direct_computation(small, reference):
+    windows = reference["input_ids"][5:7, :24]  # two windows of real tokens (texts 5 and 6 fill all 64)
+    ppl = llama.perplexity(small, windows, batch_size=2)
+    lp = np.asarray(jax.nn.log_softmax(jax.jit(llama.logits)(small, windows), axis=-1), np.float64)
+    nll = [-lp[b, t, windows[b, t + 1]] for b in range(2) for t in range(23)]
+    assert ppl == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-5)
+    assert llama.perplexity(small, windows, batch_size=1) == pytest.approx(ppl, rel=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        llama.perplexity(small, windows, batch_size=3)
+    with pytest.raises(ValueError, match="windows"):
+        llama.perplexity(small, windows[0])
+
+
+def test_unrolled_layers_equal_scan(small, reference):
+    ids = reference["input_ids"][:1, :8]
+    h_scan, kv_scan = llama.forward(small, ids)
+    h_loop, kv_loop = llama.forward(small, ids, unroll=True)
+    np.testing.assert_allclose(np.asarray(h_loop), np.asarray(h_scan), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kv_loop[0]), np.asarray(kv_scan[0]), rtol=1e-5, atol=1e-5)

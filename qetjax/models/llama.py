@@ -20,7 +20,9 @@ Weights come from
   with ``importlib.util.find_spec`` and never imported: its ``__init__`` needs llama.cpp).
 
 Decoding uses a fixed-size KV cache (:class:`KVCache`): :func:`prefill` fills it from a prompt,
-:func:`generate` then decodes greedily in one jit-compiled ``lax.fori_loop``.
+:func:`generate` then decodes greedily in one jit-compiled ``lax.fori_loop``. How keys and values
+are cached is a *KV scheme* (:class:`FloatKV` here; quantized schemes that hold only codes and
+side information in :mod:`qetjax.kv`). :func:`perplexity` scores fixed-length token windows.
 
 Example:
     >>> model, params, tokenizer = load_pretrained()
@@ -224,7 +226,8 @@ def layer_step(config: LlamaConfig, layer: Params, x: jax.Array, positions: jax.
     """Applies one :class:`DecoderLayer` with parameters ``layer`` (no leading layer axis).
 
     Example:
-        >>> y, (k, v) = layer_step(cfg, layer_params(params, 0), x, pos, causal_attend(mask))
+        >>> attend = lambda q, k, v, k_pre: (grouped_attention(q, k, v, visible), None)
+        >>> y, _ = layer_step(config_of(params), layer_params(params, 0), x, positions, attend)
     """
     return DecoderLayer(config).apply({"params": layer}, x, positions, attend)
 
@@ -251,17 +254,6 @@ def head_logits(params: Params, x: jax.Array) -> jax.Array:
     return (h @ params["lm_head"]["kernel"]).astype(jnp.float32)
 
 
-def causal_attend(attention_mask: jax.Array) -> Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array]]]:
-    """The ``attend`` of a full forward: causal, padding keys masked; returns ``(k, v)`` per layer."""
-    s = attention_mask.shape[1]
-    visible = jnp.tril(jnp.ones((s, s), bool))[None] & (attention_mask != 0)[:, None, :]
-
-    def attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pre: jax.Array) -> tuple[jax.Array, Any]:
-        return grouped_attention(q, k, v, visible), (k, v)
-
-    return attend
-
-
 def _check_mask(input_ids: Any, attention_mask: Any) -> jax.Array:
     shape = np.shape(input_ids)
     if attention_mask is None:
@@ -271,47 +263,121 @@ def _check_mask(input_ids: Any, attention_mask: Any) -> jax.Array:
     return jnp.asarray(attention_mask)
 
 
-def forward(params: Params, input_ids: Any, attention_mask: Any = None, *,
-            attend: Callable[[jax.Array], Callable[..., tuple[jax.Array, Any]]] = causal_attend,
-            unroll: bool = False) -> tuple[jax.Array, Any]:
-    """The decoder's last hidden states and each layer's ``attend`` output (stacked over layers).
+@pytree_dataclass
+class FloatKV:
+    """The unquantized KV cache scheme: keys (after RoPE) and values stored as they are.
 
-    Args:
-      params: a parameter tree (e.g. from :func:`load_gguf`).
-      input_ids: ``[batch, seq]`` token ids.
-      attention_mask: ``[batch, seq]``, nonzero for real tokens (default all).
-      attend: builds a layer's attention from the mask (default :func:`causal_attend`, whose
-        per-layer output is the ``(keys after RoPE, values)``, each ``[batch, kv_heads, seq, head_dim]``).
-      unroll: loop over the layers in Python instead of ``lax.scan`` (each layer is then a
-        separate call, e.g. for capturing inputs with ``nn.intercept_methods``).
+    A KV scheme tells the model how keys and values are cached. Quantized schemes live in
+    :mod:`qetjax.kv`; all implement the same methods, each for one layer (``data`` is that
+    layer's slice of ``layer_data``, ``state`` its slice of the cache state):
 
-    Returns:
-      ``(hidden [batch, seq, hidden], per-layer outputs with a leading layer axis)``.
+    * ``init(config, batch, max_len)``: the empty cache state, stacked over layers;
+    * ``attend_full(data, q, k, v, k_pre, visible, rope)``: the attention output of a whole
+      sequence exactly as if it had been decoded token by token through the cache;
+    * ``write_prompt(data, state, k, v, k_pre, length)``: the state after a prompt;
+    * ``append(data, state, k, v, k_pre, start)``: the state after new tokens at ``start``;
+    * ``read(data, state, length, rope)``: the keys (after RoPE) and values the cache holds.
+
+    Attributes:
+      dtype: storage dtype of the buffers (static).
     """
-    config, x = _embed_and_check(params, input_ids)
-    mask = _check_mask(input_ids, attention_mask)
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    layer_attend = attend(mask)
 
-    def body(h: jax.Array, layer: Params) -> tuple[jax.Array, Any]:
-        return layer_step(config, layer, h, positions, layer_attend)
+    dtype: str = static_field(default="float32")
+
+    @property
+    def layer_data(self) -> None:
+        """Per-layer fitted data (none)."""
+        return None
+
+    def init(self, config: LlamaConfig, batch: int, max_len: int) -> tuple[jax.Array, jax.Array]:
+        shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+
+    def attend_full(self, data: Any, q: jax.Array, k: jax.Array, v: jax.Array, k_pre: jax.Array,
+                    visible: jax.Array, rope: Callable[..., jax.Array]) -> jax.Array:
+        return grouped_attention(q, k, v, visible)
+
+    def write_prompt(self, data: Any, state: Any, k: jax.Array, v: jax.Array, k_pre: jax.Array,
+                     length: jax.Array) -> Any:
+        return self.append(data, state, k, v, k_pre, jnp.zeros_like(length))
+
+    def append(self, data: Any, state: Any, k: jax.Array, v: jax.Array, k_pre: jax.Array, start: jax.Array) -> Any:
+        return write_rows(state[0], k, start), write_rows(state[1], v, start)
+
+    def read(self, data: Any, state: Any, length: jax.Array, rope: Callable[..., jax.Array]) -> tuple[jax.Array, jax.Array]:
+        return state[0].astype(jnp.float32), state[1].astype(jnp.float32)
+
+
+def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Writes ``new[b, h, s, ...]`` into ``buffer[b, h, T, ...]`` at slot ``start[b]`` of each sequence."""
+    def one(buf: jax.Array, x: jax.Array, i: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), i, axis=1)
+
+    return jax.vmap(one)(buffer, new, start)
+
+
+def _run_layers(params: Params, x: jax.Array, positions: jax.Array, attend: Callable[..., tuple[jax.Array, Any]],
+                layer_xs: Any, unroll: bool = False) -> tuple[jax.Array, Any]:
+    """The layer loop: ``lax.scan`` over the stacked layers and ``layer_xs`` (per-layer data)."""
+    config = config_of(params)
+
+    def body(h: jax.Array, xs: tuple[Params, Any]) -> tuple[jax.Array, Any]:
+        layer, extra = xs
+        return layer_step(config, layer, h, positions, functools.partial(attend, extra))
 
     if not unroll:
-        return jax.lax.scan(body, x, params["layers"])
+        return jax.lax.scan(body, x, (params["layers"], layer_xs))
     outs = []
     for i in range(config.num_layers):
-        x, out = body(x, layer_params(params, i))
+        x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (params["layers"], layer_xs)))
         outs.append(out)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
 
-def logits(params: Params, input_ids: Any, attention_mask: Any = None) -> jax.Array:
+def _rope(config: LlamaConfig) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    return functools.partial(apply_rope, theta=config.rope_theta)
+
+
+def forward(params: Params, input_ids: Any, attention_mask: Any = None, *, kv: Any = None,
+            unroll: bool = False) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """The decoder's last hidden states and every layer's keys and values.
+
+    Args:
+      params: a parameter tree (e.g. from :func:`load_gguf`).
+      input_ids: ``[batch, seq]`` token ids.
+      attention_mask: ``[batch, seq]``, nonzero for real tokens (right padding; default all).
+      kv: a KV scheme (default :class:`FloatKV`); a quantized one from :mod:`qetjax.kv` makes
+        every query attend to the keys and values exactly as a token-by-token decode through
+        that quantized cache would hold them.
+      unroll: loop over the layers in Python instead of ``lax.scan`` (each layer is then a
+        separate call, e.g. for capturing inputs with ``nn.intercept_methods``).
+
+    Returns:
+      ``(hidden [batch, seq, hidden], (keys, values))``: keys after RoPE and values as computed
+      (before any quantization), ``[layers, batch, kv_heads, seq, head_dim]``.
+    """
+    config, x = _embed_and_check(params, input_ids)
+    mask = _check_mask(input_ids, attention_mask)
+    scheme = FloatKV() if kv is None else kv
+    s = x.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(s), x.shape[:2])
+    visible = jnp.tril(jnp.ones((s, s), bool))[None] & (mask != 0)[:, None, :]
+    rope = _rope(config)
+
+    def attend(data: Any, q: jax.Array, k: jax.Array, v: jax.Array, k_pre: jax.Array) -> tuple[jax.Array, Any]:
+        return scheme.attend_full(data, q, k, v, k_pre, visible, rope), (k, v)
+
+    return _run_layers(params, x, positions, attend, scheme.layer_data, unroll)
+
+
+def logits(params: Params, input_ids: Any, attention_mask: Any = None, *, kv: Any = None) -> jax.Array:
     """Next-token logits of every position.
 
     Args:
       params: a parameter tree (or a quantized tree's ``qetjax.dequantize_tree``).
       input_ids: ``[batch, seq]`` integer token ids in ``[0, vocab)``.
       attention_mask: ``[batch, seq]``, nonzero for real tokens (right padding); default all.
+      kv: optional KV scheme (see :func:`forward`).
 
     Returns:
       float32 ``[batch, seq, vocab]``.
@@ -320,16 +386,50 @@ def logits(params: Params, input_ids: Any, attention_mask: Any = None) -> jax.Ar
         >>> logits(params, jnp.asarray([[504, 3575, 282]])).shape
         (1, 3, 49152)
     """
-    hidden, _ = forward(params, input_ids, attention_mask)
+    hidden, _ = forward(params, input_ids, attention_mask, kv=kv)
     return head_logits(params, hidden)
 
 
-def token_nll(params: Params, input_ids: Any, attention_mask: Any = None) -> jax.Array:
+def token_nll(params: Params, input_ids: Any, attention_mask: Any = None, *, kv: Any = None) -> jax.Array:
     """``-log p(token t+1 | tokens <= t)``, ``[batch, seq-1]``, zero where token ``t+1`` is padding."""
     mask = _check_mask(input_ids, attention_mask)
-    lp = jax.nn.log_softmax(logits(params, input_ids, mask)[:, :-1], axis=-1)
+    lp = jax.nn.log_softmax(logits(params, input_ids, mask, kv=kv)[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(lp, jnp.asarray(input_ids)[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
     return jnp.where(mask[:, 1:] != 0, nll, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def _window_nll(params: Params, windows: jax.Array, kv: Any, batch_size: int) -> jax.Array:
+    batches = windows.reshape(-1, batch_size, windows.shape[1])
+    return jax.lax.map(lambda w: jnp.sum(token_nll(params, w, kv=kv)), batches).sum()
+
+
+def perplexity(params: Params, windows: Any, *, kv: Any = None, batch_size: int = 1) -> float:
+    """Perplexity over fixed-length windows: ``exp`` of the mean NLL of every token but each window's first.
+
+    Each window is scored independently (no context carried over); one jit-compiled
+    ``lax.map`` runs all of them, ``batch_size`` windows at a time.
+
+    Args:
+      params: parameter tree (weights may be a dequantized quantized tree).
+      windows: int ``[num_windows, window_len]`` token ids (e.g. consecutive cuts of a corpus).
+      kv: optional quantized KV scheme (see :func:`forward`).
+      batch_size: windows per forward pass; must divide ``num_windows``.
+
+    Returns:
+      The perplexity, a Python float.
+
+    Example:
+        >>> perplexity(params, np.asarray(ids[: 8 * 512]).reshape(8, 512))
+    """
+    w = np.asarray(windows)
+    if w.ndim != 2 or w.shape[1] < 2:
+        raise ValueError(f"windows must be [num_windows, window_len >= 2], got shape {w.shape}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1 or w.shape[0] % batch_size:
+        raise ValueError(f"batch_size must be a positive divisor of num_windows={w.shape[0]}, got {batch_size!r}")
+    _embed_and_check(params, w)
+    total = _window_nll(params, jnp.asarray(w, jnp.int32), kv, batch_size)
+    return float(np.exp(float(total) / (w.shape[0] * (w.shape[1] - 1))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,82 +438,98 @@ def token_nll(params: Params, input_ids: Any, attention_mask: Any = None) -> jax
 
 @pytree_dataclass
 class KVCache:
-    """Fixed-size float KV cache of every layer.
+    """Fixed-size KV cache of every layer.
 
     Attributes:
-      keys: ``[layers, batch, kv_heads, max_len, head_dim]``, keys after RoPE.
-      values: the same shape.
+      state: the scheme's cache state with a leading layer axis (for :class:`FloatKV`, keys
+        after RoPE and values, each ``[layers, batch, kv_heads, max_len, head_dim]``; for a
+        quantized scheme, only codes and side information).
       length: ``[batch]`` int32, tokens written per sequence (slots ``>= length`` are unused).
+      max_len: capacity in tokens (static).
     """
 
-    keys: jax.Array
-    values: jax.Array
+    state: Any
     length: jax.Array
-
-    @property
-    def max_len(self) -> int:
-        """Capacity in tokens."""
-        return self.keys.shape[3]
+    max_len: int = static_field()
 
 
-def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
+def init_cache(config: LlamaConfig, batch: int, max_len: int, *, kv: Any = None) -> KVCache:
     """An empty :class:`KVCache` for ``batch`` sequences of up to ``max_len`` tokens."""
-    shape = (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+    scheme = FloatKV() if kv is None else kv
+    return KVCache(scheme.init(config, batch, max_len), jnp.zeros((batch,), jnp.int32), int(max_len))
 
 
-def _write(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Writes ``new[b, h, s, d]`` into ``buffer[b, h, T, d]`` at slot ``start[b]`` of each sequence."""
-    return jax.vmap(lambda buf, x, i: jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (0, i, 0)))(
-        buffer, new, start)
-
-
-def _cached_attend(start: jax.Array, valid: jax.Array, max_len: int):
-    """The ``attend`` of a cached step: write the new keys/values at ``start``, attend over the cache."""
-
-    def make(layer_cache: tuple[jax.Array, jax.Array]):
-        def attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pre: jax.Array) -> tuple[jax.Array, Any]:
-            ck, cv = _write(layer_cache[0], k, start), _write(layer_cache[1], v, start)
-            s = q.shape[2]
-            query_pos = start[:, None] + jnp.arange(s)[None]
-            slots = jnp.arange(max_len)
-            visible = (slots[None, None, :] <= query_pos[:, :, None]) & valid[:, None, :]
-            return grouped_attention(q, ck, cv, visible), (ck, cv)
-
-        return attend
-
-    return make
-
-
-def extend(params: Params, cache: KVCache, input_ids: jax.Array, attention_mask: Any = None) -> tuple[jax.Array, KVCache]:
-    """Runs ``input_ids[batch, s]`` at positions ``cache.length ...`` through the model, writing the cache.
+def prefill(params: Params, input_ids: Any, attention_mask: Any = None, *, max_len: int, kv: Any = None
+            ) -> tuple[jax.Array, KVCache]:
+    """Runs prompts through the model and returns their logits and a cache holding them.
 
     Args:
       params: parameter tree.
-      cache: the cache so far.
-      input_ids: the new tokens of each sequence.
+      input_ids: ``[batch, s]`` prompts, right-padded.
+      attention_mask: ``[batch, s]``, nonzero for real tokens (default all).
+      max_len: capacity of the cache (>= s).
+      kv: KV scheme (default :class:`FloatKV`).
+
+    Returns:
+      ``(float32 logits [batch, s, vocab], cache)``.
+    """
+    config, x = _embed_and_check(params, input_ids)
+    mask = _check_mask(input_ids, attention_mask)
+    b, s = x.shape[:2]
+    if s > max_len:
+        raise ValueError(f"the prompt ({s} tokens) is longer than the cache (max_len={max_len})")
+    scheme = FloatKV() if kv is None else kv
+    length = jnp.sum(mask != 0, axis=1).astype(jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+    visible = jnp.tril(jnp.ones((s, s), bool))[None] & (mask != 0)[:, None, :]
+    rope = _rope(config)
+
+    def attend(xs: Any, q: jax.Array, k: jax.Array, v: jax.Array, k_pre: jax.Array) -> tuple[jax.Array, Any]:
+        data, state = xs
+        out = scheme.attend_full(data, q, k, v, k_pre, visible, rope)
+        return out, scheme.write_prompt(data, state, k, v, k_pre, length)
+
+    cache = init_cache(config, b, max_len, kv=scheme)
+    hidden, state = _run_layers(params, x, positions, attend, (scheme.layer_data, cache.state))
+    return head_logits(params, hidden), KVCache(state, length, cache.max_len)
+
+
+def extend(params: Params, cache: KVCache, input_ids: Any, attention_mask: Any = None, *, kv: Any = None
+           ) -> tuple[jax.Array, KVCache]:
+    """Runs new tokens at positions ``cache.length ...`` through the model, writing them to the cache.
+
+    Args:
+      params: parameter tree.
+      cache: the cache so far (from :func:`prefill`, :func:`init_cache` or a previous call).
+      input_ids: ``[batch, s]`` new tokens (a quantized scheme takes one token at a time: ``s == 1``).
       attention_mask: ``[batch, s]``, nonzero for real new tokens (right padding); the length of
         each sequence grows by its count of real tokens. Default all.
+      kv: the KV scheme the cache was made with (default :class:`FloatKV`).
 
     Returns:
       ``(float32 logits [batch, s, vocab], updated cache)``.
     """
     config, x = _embed_and_check(params, input_ids)
     mask = _check_mask(input_ids, attention_mask)
+    scheme = FloatKV() if kv is None else kv
     s = x.shape[1]
+    if kv is not None and s != 1:
+        raise ValueError(f"a quantized KV cache is extended one token at a time (got {s}); use prefill for prompts")
     start = cache.length
     positions = start[:, None] + jnp.arange(s)[None]
     slots = jnp.arange(cache.max_len)[None]
     new_len = start + jnp.sum(mask != 0, axis=1).astype(jnp.int32)
-    valid = slots < new_len[:, None]
-    make = _cached_attend(start, valid, cache.max_len)
+    visible = (slots[:, None, :] <= positions[:, :, None]) & (slots < new_len[:, None])[:, None, :]
+    rope = _rope(config)
 
-    def body(h: jax.Array, xs: tuple[Params, jax.Array, jax.Array]) -> tuple[jax.Array, Any]:
-        layer, ck, cv = xs
-        return layer_step(config, layer, h, positions, make((ck, cv)))
+    def attend(xs: Any, q: jax.Array, k: jax.Array, v: jax.Array, k_pre: jax.Array) -> tuple[jax.Array, Any]:
+        data, state = xs
+        state = scheme.append(data, state, k, v, k_pre, start)
+        k_all, v_all = scheme.read(data, state, new_len, rope)
+        return grouped_attention(q, k_all, v_all, visible), state
 
-    hidden, (keys, values) = jax.lax.scan(body, x, (params["layers"], cache.keys, cache.values))
-    return head_logits(params, hidden), KVCache(keys, values, new_len)
+    hidden, state = _run_layers(params, x, positions, attend, (scheme.layer_data, cache.state))
+    return head_logits(params, hidden), KVCache(state, new_len, cache.max_len)
 
 
 def _prompt_lengths(prompt_ids: Any, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -423,34 +539,41 @@ def _prompt_lengths(prompt_ids: Any, pad_id: int) -> tuple[np.ndarray, np.ndarra
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"prompt_ids must be an integer [batch, prompt_len] array, got {ids.dtype} shape {ids.shape}")
     real = ids != pad_id
-    lengths = real.sum(axis=1)
-    if np.any(lengths == 0):
+    if np.any(real.sum(axis=1) == 0):
         raise ValueError("every prompt needs at least one token")
     if np.any(real[:, 1:] & ~real[:, :-1]):
         raise ValueError(f"prompt_ids must be right-padded with {pad_id} (padding found before a real token)")
     return np.where(real, ids, 0).astype(np.int32), real.astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "max_len"))
-def _generate(params: Params, ids: jax.Array, mask: jax.Array, max_new_tokens: int, max_len: int) -> jax.Array:
-    config = config_of(params)
-    cache = init_cache(config, ids.shape[0], max_len, params["embed"]["embedding"].dtype)
-    out, cache = extend(params, cache, ids, mask)
-    last = jnp.sum(mask, axis=1) - 1
-    first = jnp.argmax(out[jnp.arange(ids.shape[0]), last], axis=-1).astype(jnp.int32)
-    tokens = jnp.zeros((ids.shape[0], max_new_tokens), jnp.int32).at[:, 0].set(first)
+def prefill_tokens(params: Params, ids: jax.Array, mask: jax.Array, max_len: int, kv: Any
+                   ) -> tuple[jax.Array, KVCache]:
+    """Prefill, then the greedy first new token of each prompt: ``(tokens [batch], cache)``."""
+    out, cache = prefill(params, ids, mask, max_len=max_len, kv=kv)
+    last = jnp.sum(mask != 0, axis=1) - 1
+    return jnp.argmax(out[jnp.arange(ids.shape[0]), last], axis=-1).astype(jnp.int32), cache
+
+
+def decode_tokens(params: Params, first: jax.Array, cache: KVCache, max_new_tokens: int, kv: Any) -> jax.Array:
+    """Greedy decoding from ``first [batch]`` in one ``lax.fori_loop``: ``[batch, max_new_tokens]`` ids."""
+    tokens = jnp.zeros((first.shape[0], max_new_tokens), jnp.int32).at[:, 0].set(first)
 
     def step(i: jax.Array, carry: tuple[jax.Array, KVCache]) -> tuple[jax.Array, KVCache]:
         tokens, cache = carry
-        out, cache = extend(params, cache, jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, 1))
+        out, cache = extend(params, cache, jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, 1), kv=kv)
         return tokens.at[:, i].set(jnp.argmax(out[:, 0], axis=-1).astype(jnp.int32)), cache
 
-    tokens, _ = jax.lax.fori_loop(1, max_new_tokens, step, (tokens, cache))
-    return tokens
+    return jax.lax.fori_loop(1, max_new_tokens, step, (tokens, cache))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "max_len"))
+def _generate(params: Params, ids: jax.Array, mask: jax.Array, kv: Any, max_new_tokens: int, max_len: int) -> jax.Array:
+    first, cache = prefill_tokens(params, ids, mask, max_len, kv)
+    return decode_tokens(params, first, cache, max_new_tokens, kv)
 
 
 def generate(params: Params, prompt_ids: Any, max_new_tokens: int, *, max_len: int | None = None,
-             pad_id: int = -1) -> jax.Array:
+             pad_id: int = -1, kv: Any = None) -> jax.Array:
     """Greedy decoding through the KV cache: one prefill, then a jit-compiled ``lax`` loop.
 
     Args:
@@ -460,6 +583,7 @@ def generate(params: Params, prompt_ids: Any, max_new_tokens: int, *, max_len: i
       max_new_tokens: tokens to generate per prompt (>= 1).
       max_len: capacity of the fixed-size cache (default: prompt length + ``max_new_tokens``).
       pad_id: the padding id in ``prompt_ids`` (default -1, which no real token has).
+      kv: KV scheme of the cache (default :class:`FloatKV`; quantized ones in :mod:`qetjax.kv`).
 
     Returns:
       int32 ``[batch, max_new_tokens]``, the generated ids.
@@ -483,7 +607,7 @@ def generate(params: Params, prompt_ids: Any, max_new_tokens: int, *, max_len: i
         raise ValueError(f"the prompt plus max_new_tokens ({needed} tokens) exceeds the model's context "
                          f"({config.max_position_embeddings})")
     _embed_and_check(params, ids)
-    return _generate(params, jnp.asarray(ids), jnp.asarray(mask), int(max_new_tokens), max_len)
+    return _generate(params, jnp.asarray(ids), jnp.asarray(mask), kv, int(max_new_tokens), max_len)
 
 
 # ----------------------------------------------------------------------------------------------
