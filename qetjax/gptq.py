@@ -18,7 +18,7 @@ the original ``W``; the loop is a ``lax.fori_loop`` over groups, each updating
 the remaining columns with one matrix product.
 
 Example:
-    >>> qa = quantize(qetjax.rtn(3, group_size=64), jax.random.key(0), w, x, group_size=64)
+    >>> qa = quantize(qetjax.rtn(3, group_size=64), jax.random.key(0), w, x)  # group_size: q.column_group
     >>> w_hat = qetjax.dequantize(qa)
 """
 
@@ -75,7 +75,7 @@ def quantize(
     key: PRNGKey,
     w: Any,
     x: Any,
-    group_size: int,
+    group_size: int | None = None,
     damp: float = 0.01,
 ) -> QuantizedArray:
     """Quantizes the weight ``w[out, in]`` with GPTQ compensation on calibration inputs ``x[samples, in]``.
@@ -86,7 +86,8 @@ def quantize(
       key: PRNG key for ``q``'s fit.
       w: weight matrix ``[out, in]`` (rows are output channels).
       x: calibration inputs ``[samples, in]`` of the layer.
-      group_size: columns quantized together; must divide ``in``.
+      group_size: columns quantized together; must divide ``in``. Default: ``q.column_group``,
+        the width of the groups ``q`` encodes independently.
       damp: relative damping of the Hessian diagonal, ``> 0``.
 
     Returns:
@@ -101,6 +102,11 @@ def quantize(
         raise TypeError("q must be a Quantizer built by a registered constructor")
     w = check_matrix(w, "w")
     x = check_matrix(x, "x")
+    if group_size is None:
+        group_size = q.column_group
+        if group_size is None:
+            raise ValueError(f"{q.spec.name} has no column groups here (Quantizer.column_group is None: its encoding "
+                             "couples a whole row); GPTQ needs e.g. rtn with a group_size, or pvq")
     group_size = check_int("group_size", group_size, 1)
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"x must have {w.shape[1]} columns (the inputs of w), got shape {tuple(x.shape)}")

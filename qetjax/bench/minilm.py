@@ -52,15 +52,15 @@ import jax.numpy as jnp
 import numpy as np
 
 import qetjax
-from qetjax import gptq
+from qetjax import calibration
 from qetjax import kv as kvq
+from qetjax.bench.corpus import stdlib_sentences
 from qetjax.budget import allocate, for_budget
 from qetjax.core import METHODS
-from qetjax.bench.corpus import stdlib_sentences
 from qetjax.io import save
 from qetjax.models import minilm
 from qetjax.models.minilm import attention
-from qetjax.tree import as_transposed, dequantize_tree, leaf_key, path_str, quantize_tree, tree_bits
+from qetjax.tree import dequantize_tree, path_str, quantize_tree, tree_bits
 
 
 class Batches(NamedTuple):
@@ -272,45 +272,19 @@ def setup(sentences: int = 128, max_length: int = 64, calib_sentences: int = 102
                  calib, minilm.encode(params, **calib, return_kv=True)[1], make_batches(tokenizer, calib_text[:128], 32, max_length))
 
 
-def dense_inputs(params: Any, batch: dict) -> dict[str, np.ndarray]:
-    """Inputs ``[real tokens, in]`` of every linear layer on ``batch``, by kernel path.
-
-    Captured with ``flax.linen.intercept_methods`` in one jit-compiled forward pass of the model
-    ``params`` (padding rows dropped).
-    """
-    captured = _captured_inputs(params, {k: jnp.asarray(batch[k]) for k in BATCH_KEYS})
-    real = np.asarray(batch["attention_mask"]).reshape(-1) != 0
-    return {k: np.asarray(v).reshape(-1, v.shape[-1])[real] for k, v in captured.items()}
+def _encode(params: Any, batch: Mapping[str, Any]) -> jax.Array:
+    """The encoder on a tokenized batch (the model :mod:`qetjax.calibration` captures inputs from)."""
+    return minilm.encode(params, *(jnp.asarray(batch[k]) for k in BATCH_KEYS))
 
 
-@jax.jit
-def _captured_inputs(params: Any, batch: dict) -> dict[str, jax.Array]:
-    import flax.linen as nn
-
-    captured = {}
-
-    def interceptor(next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
-        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-            captured["/".join(context.module.path) + "/kernel"] = args[0]
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        minilm.encode(params, **batch)
-    return captured
+def dense_inputs(params: Any, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Inputs ``[real tokens, in]`` of every linear layer of MiniLM ``params`` on ``batch``, by kernel path
+    (:func:`qetjax.calibration.dense_inputs`, padding dropped by the attention mask)."""
+    return calibration.dense_inputs(_encode, params, batch, mask=batch["attention_mask"])
 
 
 def _selected(params: Any, target: str) -> dict[str, Any]:
     return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0] if re.search(TARGETS[target], path_str(p))}
-
-
-def _gptq_group(q: Any) -> int:
-    inner = q.spec
-    while inner.name == "transposed":
-        inner = dict(inner.args)["q"]
-    group = dict(inner.args).get("group_size")
-    if not isinstance(group, int):
-        raise ValueError(f"GPTQ needs a method with column groups (a group_size); {inner.name} has none here")
-    return group
 
 
 def quantize_model(params: Any, config: Config, target: str, bits_per_weight: float | Mapping[str, float], *,
@@ -333,6 +307,9 @@ def quantize_model(params: Any, config: Config, target: str, bits_per_weight: fl
       inputs: the fp32 model's :func:`dense_inputs` on ``calib``, when already captured (used
         only when GPTQ is not sequential).
 
+    GPTQ runs in :func:`qetjax.calibration.gptq_tree` (group width: each quantizer's
+    ``column_group``), sequentially in the stages of :func:`gptq_stages`.
+
     Returns:
       The quantized tree (other leaves kept).
 
@@ -352,18 +329,9 @@ def quantize_model(params: Any, config: Config, target: str, bits_per_weight: fl
         return quantize_tree(key, params, lambda p, x: policy.get(p), layout=layout, progress=False)
     if layout != "out_in" or calib is None:
         raise ValueError("GPTQ quantizes [out, in] kernels on calibration inputs: needs layout='out_in' and calib")
-    done: dict[str, Any] = {}
-    current = params  # the model with the stages done so far decoded (sequential GPTQ's calibration model)
-    for stage in gptq_stages(policy) if sequential else [list(policy)]:
-        if sequential or inputs is None:
-            inputs = dense_inputs(current, calib)
-        for p in stage:
-            q = policy[p]
-            done[p] = as_transposed(gptq.quantize(q, leaf_key(key, p), jnp.asarray(leaves[p]).T, inputs[p], _gptq_group(q)))
-        if sequential:
-            current = jax.tree_util.tree_map_with_path(
-                lambda p, x: qetjax.dequantize(done[path_str(p)]) if path_str(p) in stage else x, current)
-    return jax.tree_util.tree_map_with_path(lambda p, x: done.get(path_str(p), x), params)
+    stages = gptq_stages(policy) if sequential else None
+    return calibration.gptq_tree(key, params, policy, _encode, calib, stages=stages, mask=calib["attention_mask"],
+                                 inputs=None if sequential else inputs)
 
 
 def mixed_budgets(s: Setup, config: Config, target: str, bits_per_weight: float, layout: str | None = None,
@@ -415,10 +383,7 @@ def gptq_stages(paths: Sequence[str]) -> list[list[str]]:
             raise ValueError(f"not a MiniLM linear kernel: {p}")
         return int(layer.group(1)), sub[0]
 
-    stages: dict[tuple[int, int], list[str]] = {}
-    for p in sorted(paths, key=lambda p: (rank(p), p)):
-        stages.setdefault(rank(p), []).append(p)
-    return list(stages.values())
+    return calibration.group_stages(paths, rank)
 
 
 def weight_rows(s: Setup, configs: Sequence[Config], budgets: Sequence[float], targets: Sequence[str] = tuple(TARGETS),
