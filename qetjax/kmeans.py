@@ -176,7 +176,11 @@ def assign(x: jax.Array, centroids: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _update(
-    xt: jax.Array, c: jax.Array, matmul: bool = False, weights: jax.Array | None = None
+    xt: jax.Array,
+    c: jax.Array,
+    matmul: bool = False,
+    weights: jax.Array | None = None,
+    axis_name: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One Lloyd step on ``xt[d, n]``; empty clusters move to the worst-fitted points.
 
@@ -185,8 +189,15 @@ def _update(
     put when no point is left that its centroid would fit better (every
     candidate already fitted exactly).
 
+    With ``axis_name`` (inside ``shard_map``), ``xt`` holds one device's share of
+    the points: the partial sums, counts and errors are reduced by ``psum``
+    over that axis and the re-seeding points are the global farthest ones (each
+    device's ``k`` farthest, gathered), so every device returns the same centroids.
+
     Returns the new centroids and the (weighted) mean squared error of the old ones.
     """
+    if axis_name is not None:
+        return _update_sharded(xt, c, matmul, weights, axis_name)
     n, k = xt.shape[1], c.shape[0]
     idx, dist = _assign_one(xt, c, matmul)
     if weights is None:
@@ -206,6 +217,34 @@ def _update(
 
     mse = jnp.mean(dist) if weights is None else jnp.sum(dist * w) / jnp.maximum(jnp.sum(w), 1e-30)
     return lax.cond(jnp.any(empty), reseed, lambda c: c, jnp.where(empty[:, None], c, new)), mse
+
+
+def _update_sharded(
+    xt: jax.Array, c: jax.Array, matmul: bool, weights: jax.Array | None, axis_name: str
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`_update` on one device's points ``xt[d, n_local]``, reduced over ``axis_name``.
+
+    Shards hold consecutive runs of the points in order, so ties among the
+    farthest points go to the lowest global index, as in :func:`_update`.
+    """
+    n, k = xt.shape[1], c.shape[0]
+    idx, dist = _assign_one(xt, c, matmul)
+    w = jnp.ones((n,), xt.dtype) if weights is None else weights
+    err = jnp.where(w > 0, dist, 0.0)
+    sums = lax.psum(jax.ops.segment_sum(xt.T * w[:, None], idx, k), axis_name)
+    counts = lax.psum(jax.ops.segment_sum(w, idx, k), axis_name)
+    empty = counts == 0
+    new = sums / jnp.where(empty, 1.0, counts)[:, None]
+    # Every device's min(k, n) farthest points, gathered in device order: the global
+    # top k are among them, and a stable top_k over them breaks ties by global index.
+    local_err, local_pick = lax.top_k(err, min(k, n))
+    cand_err = lax.all_gather(local_err, axis_name, tiled=True)
+    cand_points = lax.all_gather(xt.T[local_pick], axis_name, tiled=True)
+    top_err, top = lax.top_k(cand_err, min(k, cand_err.shape[0]))
+    pick = jnp.clip(jnp.cumsum(empty) - 1, 0, top.shape[0] - 1)
+    reseeded = jnp.where((empty & (top_err[pick] > 0))[:, None], cand_points[top[pick]], new)
+    mse = lax.psum(jnp.sum(dist * w), axis_name) / jnp.maximum(lax.psum(jnp.sum(w), axis_name), 1e-30)
+    return jnp.where(empty[:, None], reseeded, new), mse
 
 
 def _sample(d2: jax.Array, u: jax.Array) -> jax.Array:
@@ -298,21 +337,29 @@ def _lloyd(
     updates: int,
     matmul: bool = False,
     weights: jax.Array | None = None,
+    axis_name: str | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``passes`` assignment passes over ``xt[d, n]`` in one loop (so the kernel is
     compiled once), the first ``updates`` of which move the centroids ``c[k, d]``.
 
     Returns the centroids and the mean squared error measured in the first and
-    the last pass.
+    the last pass (``axis_name``: see :func:`_update`).
     """
 
     def step(i: jax.Array, state: tuple) -> tuple:
         c, first, _ = state
-        new, mse = _update(xt, c, matmul, weights)
+        new, mse = _update(xt, c, matmul, weights, axis_name)
         return jnp.where(i < updates, new, c), jnp.where(i == 0, mse, first), mse
 
     zero = jnp.zeros((), jnp.float32)
     return lax.fori_loop(0, passes, step, (c, zero, zero))
+
+
+def _subsample(key: jax.Array, xt: jax.Array, max_points: int) -> tuple[jax.Array, jax.Array]:
+    """The training points of ``xt[d, n]`` (at most ``max_points``, stratified) and the init key."""
+    k_sub, k_init = jax.random.split(key)
+    n = xt.shape[1]
+    return (xt[:, _stratified(k_sub, n, max_points)] if n > max_points else xt), k_init
 
 
 def _fit_one(
@@ -329,10 +376,8 @@ def _fit_one(
     is assigned by matrix products: one unrolled kernel per width would take
     seconds each to compile.
     """
-    d, n = xt.shape
-    k_sub, k_init = jax.random.split(key)
-    if n > max_points:
-        xt = xt[:, _stratified(k_sub, n, max_points)]
+    d = xt.shape[0]
+    xt, k_init = _subsample(key, xt, max_points)
     initialise = _kmeanspp if init == "kmeans++" else _random_init
     if not steps:
         # iters + 1 passes: the last measures the returned centroids.
@@ -420,9 +465,97 @@ def fit_with_stats(
     if k > x.shape[1]:
         raise ValueError(f"k={k} centroids need at least k training points, got {x.shape[1]}")
     max_points = max(k, k * max_points_per_centroid)
-    keys = jax.random.split(key, x.shape[0])
+    keys = subspace_keys(key, x.shape[0])
     xt = jnp.swapaxes(x, 1, 2)
     return lax.map(lambda a: _fit_one(a[0], a[1], k, iters, init, max_points, progressive_steps), (keys, xt))
+
+
+def subspace_keys(key: jax.Array, num_subspaces: int) -> jax.Array:
+    """The key of each of ``num_subspaces`` subspaces: ``split(key, S)``, or ``key`` itself
+    if it already holds ``S`` keys (so a slice of subspaces can be fitted apart, e.g. one
+    device's share in :mod:`qetjax.sharding`, exactly as in a fit of all of them).
+
+    Example:
+        >>> keys = subspace_keys(jax.random.key(0), 8)
+        >>> bool((jax.random.key_data(subspace_keys(keys[2:4], 2)) == jax.random.key_data(keys[2:4])).all())
+        True
+    """
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if key.ndim == (1 if typed else 2):
+        if key.shape[0] != num_subspaces:
+            raise ValueError(f"key holds {key.shape[0]} subspace keys, expected {num_subspaces}")
+        return key
+    if key.ndim != (0 if typed else 1):
+        raise ValueError(f"key must be one PRNG key or one per subspace, got shape {key.shape}")
+    return jax.random.split(key, num_subspaces)
+
+
+def seed(
+    key: jax.Array, x: jax.Array, k: int, init: str = "kmeans++", max_points_per_centroid: int = 256
+) -> tuple[jax.Array, jax.Array]:
+    """The training points and initial centroids of :func:`fit` (plain Lloyd), per subspace.
+
+    ``lloyd(*seed(key, x, k, init, m), iters)`` is :func:`fit_with_stats` ``(key, x, k, iters,
+    init, m)`` split in two, so the Lloyd steps can run elsewhere (e.g. on points
+    sharded over devices, see :func:`lloyd`'s ``axis_name``).
+
+    Returns:
+      ``(points [S, m, d], centroids [S, k, d])``: the (subsampled) training points
+      and the k-means++ or random initial centroids.
+
+    Example:
+        >>> points, c0 = seed(jax.random.key(1), x, 16)
+        >>> lloyd(points, c0, 25).centroids.shape == fit(jax.random.key(1), x, 16).shape
+        True
+    """
+    k = check_int("k", k, 1)
+    max_points = max(k, k * check_int("max_points_per_centroid", max_points_per_centroid, 1))
+    if init not in ("kmeans++", "random"):
+        raise ValueError(f"init must be 'kmeans++' or 'random', got {init!r}")
+    if not hasattr(x, "ndim") or x.ndim != 3 or k > x.shape[1]:
+        raise ValueError(f"x must be [subspaces, points >= k={k}, dim], got shape {getattr(x, 'shape', None)}")
+    initialise = _kmeanspp if init == "kmeans++" else _random_init
+
+    def one(a: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        xt, k_init = _subsample(a[0], a[1], max_points)
+        return xt, initialise(k_init, xt, k)
+
+    xt, c = lax.map(one, (subspace_keys(key, x.shape[0]), jnp.swapaxes(x, 1, 2)))
+    return jnp.swapaxes(xt, 1, 2), c
+
+
+def lloyd(
+    x: jax.Array,
+    centroids: jax.Array,
+    iters: int,
+    weights: jax.Array | None = None,
+    axis_name: str | None = None,
+) -> KMeansResult:
+    """``iters`` Lloyd steps from ``centroids`` and a last pass that measures them, per subspace.
+
+    Args:
+      x: ``[S, n, d]`` points; under ``shard_map`` with ``axis_name``, this device's
+        consecutive run of every subspace's points.
+      centroids: ``[S, k, d]``, the same on every device.
+      iters: Lloyd steps.
+      weights: optional ``[n]`` point weights (0 drops a point, e.g. padding).
+      axis_name: a mesh axis the points are sharded over: partial sums, counts and
+        errors are reduced by ``psum`` over it (and the farthest points gathered), so
+        each device returns the same centroids. These equal the one-device result up
+        to the order of the float sums (see :mod:`qetjax.sharding`).
+
+    Returns:
+      A :class:`KMeansResult` (``init_mse`` is measured on ``centroids``).
+
+    Example:
+        >>> res = lloyd(*seed(jax.random.key(1), x, 16), iters=25)
+    """
+    iters = check_int("iters", iters, 0)
+    if not hasattr(x, "ndim") or x.ndim != 3 or centroids.ndim != 3:
+        raise ValueError(f"x and centroids must be 3-D, got {getattr(x, 'shape', None)} and {centroids.shape}")
+    xt = jnp.swapaxes(x, 1, 2)
+    return lax.map(lambda a: KMeansResult(*_lloyd(a[0], a[1], iters + 1, iters, weights=weights,
+                                                  axis_name=axis_name)), (xt, centroids))
 
 
 def refine(x: jax.Array, centroids: jax.Array, iters: int, weights: jax.Array | None = None) -> jax.Array:
