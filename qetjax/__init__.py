@@ -41,6 +41,7 @@ from qetjax.methods.pq import pq
 from qetjax.methods.qet import qet, qet_paper, qet_residual
 from qetjax.methods.rq import rq
 from qetjax.methods.scalar import lloyd_max, rtn
+from qetjax.methods.trellis import trellis
 
 # Parameter trees and files.
 from qetjax.io import load, save
@@ -62,7 +63,7 @@ __all__ = [
     "METHODS", "QuantizedArray", "Quantizer", "Spec", "bits", "dequantize", "encode_with", "fit", "for_budget",
     "quantize", "quantize_batch", "residual", "stored_bits",
     # methods
-    "lloyd_max", "lopq", "lsq", "opq", "pq", "qet", "qet_paper", "qet_residual", "rq", "rtn",
+    "lloyd_max", "lopq", "lsq", "opq", "pq", "qet", "qet_paper", "qet_residual", "rq", "rtn", "trellis",
     # parameter trees and files
     "dequantize_tree", "load", "quantize_tree", "save",
 ]

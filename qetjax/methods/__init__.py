@@ -9,6 +9,6 @@ Example:
     >>> q = pq.pq(subvector_dim=4, num_centroids=256)
 """
 
-from qetjax.methods import lopq, lsq, opq, pq, pvq, qet, rq, scalar
+from qetjax.methods import lopq, lsq, opq, pq, pvq, qet, rq, scalar, trellis
 
-__all__ = ["lopq", "lsq", "opq", "pq", "pvq", "qet", "rq", "scalar"]
+__all__ = ["lopq", "lsq", "opq", "pq", "pvq", "qet", "rq", "scalar", "trellis"]
