@@ -184,8 +184,10 @@ def _specs(full: list, block: list, big: list, devices: int, axis: str, what: st
         else:
             raise ValueError(
                 f"leaf {i} of the {what} has shape {f} on the whole matrix and {b} on a 1/{devices} share: "
-                "it does not split into whole shares (a share of a packed stream must fill whole 32-bit words); "
-                f"use a row count whose 1/{devices} share times the bits per row is a multiple of 32"
+                + ("it is held once per matrix (e.g. granularity='tensor'), which couples the rows"
+                   if f == b else
+                   "it does not split into whole shares (a share of a packed stream must fill whole 32-bit words); "
+                   f"use a row count whose 1/{devices} share times the bits per row is a multiple of 32")
             )
     return specs
 
@@ -441,9 +443,9 @@ def gptq_quantize(
     key: PRNGKey,
     w: Any,
     x: Any,
-    group_size: int,
     mesh: Mesh,
     *,
+    group_size: int | None = None,
     damp: float = 0.01,
     axis: str | None = None,
     h: jax.Array | None = None,
@@ -452,7 +454,7 @@ def gptq_quantize(
 
     Args:
       q, key, w, x, group_size, damp: as :func:`qetjax.gptq.quantize` (``w[out, in]``,
-        calibration inputs ``x[samples, in]``).
+        calibration inputs ``x[samples, in]``; ``group_size`` defaults to ``q.column_group``).
       mesh, axis: the mesh and its axis; ``out`` must divide over it (see :func:`plan`).
       h: optional precomputed Hessian ``[in, in]`` (e.g. :func:`hessian` accumulated over
         several batches); then ``x`` is not used.
@@ -461,12 +463,17 @@ def gptq_quantize(
       The :class:`~qetjax.core.QuantizedArray`, codes and per-row params split by rows.
 
     Example:
-        >>> qa = gptq_quantize(qetjax.rtn(3, group_size=64), key, w, x, 64, mesh)
+        >>> qa = gptq_quantize(qetjax.rtn(3, group_size=64), key, w, x, mesh)
     """
     if not isinstance(q, Quantizer) or q.spec is None:
         raise TypeError("q must be a Quantizer built by a registered constructor")
     _check_key(key)
     w = check_matrix(w, "w")
+    if group_size is None:
+        group_size = q.column_group
+        if group_size is None:
+            raise ValueError(f"{q.spec.name} has no column groups here (Quantizer.column_group is None); "
+                             "pass group_size or use e.g. rtn with a group_size, or pvq")
     group_size = check_int("group_size", group_size, 1)
     if w.shape[1] % group_size:
         raise ValueError(f"group_size={group_size} must divide the input width {w.shape[1]}")
@@ -492,6 +499,19 @@ def gptq_quantize(
     frozen = jax.jit(compensate)(params, w, u)
     codes = _encode_rows(q, params, frozen, mesh, axis, devices)
     return QuantizedArray(params, codes, q.spec, tuple(w.shape), "float32")
+
+
+def gptq_leaf(q: Quantizer, key: PRNGKey, w: Any, x: Any, mesh: Mesh, *, damp: float = 0.01,
+              axis: str | None = None) -> QuantizedArray:
+    """One leaf of ``calibration.gptq_tree(..., mesh=mesh)``: :func:`gptq_quantize` where ``q``
+    splits over ``mesh`` on ``w``'s shape, else :func:`qetjax.gptq.quantize` on one device.
+
+    Example:
+        >>> qa = gptq_leaf(qetjax.rtn(4, group_size=64), key, w, x, mesh)
+    """
+    if splits(q, np.shape(w), mesh, axis):
+        return gptq_quantize(q, key, w, x, mesh, damp=damp, axis=axis)
+    return gptq.quantize(q, key, w, x, damp=damp)
 
 
 # --------------------------------------------------------------------------- placement

@@ -51,8 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qetjax.core import QuantizedArray, Quantizer, bits, dequantize, quantize
+from qetjax import sharding
 from qetjax.combinators import TransformedCodes, TransformedParams, transposed
+from qetjax.core import QuantizedArray, Quantizer, bits, dequantize, quantize
 
 PolicyFn = Callable[[str, Any], "Quantizer | None"]
 Policy = PolicyFn | Sequence[tuple[str, "Quantizer | None"]] | Quantizer
@@ -143,7 +144,7 @@ def as_policy(policy: Policy) -> PolicyFn:
     )
 
 
-def _quantize_leaf(q: Any, key: jax.Array, path: str, leaf: Any) -> QuantizedArray:
+def _quantize_leaf(q: Any, key: jax.Array, path: str, leaf: Any, mesh: Any = None) -> QuantizedArray:
     if not isinstance(q, Quantizer):
         raise TypeError(f"policy returned {type(q).__name__} for {path!r}; expected a Quantizer or None")
     if getattr(leaf, "ndim", None) != 2:
@@ -152,12 +153,16 @@ def _quantize_leaf(q: Any, key: jax.Array, path: str, leaf: Any) -> QuantizedArr
             "leaves (reshape it, or return None for it)"
         )
     try:
+        if mesh is not None:
+            return jax.block_until_ready(sharding.quantize_leaf(q, leaf_key(key, path), leaf, mesh))
         return jax.block_until_ready(quantize(q, leaf_key(key, path), leaf))
     except (ValueError, TypeError) as err:
         raise type(err)(f"{path}: {err}") from err
 
 
-def quantize_tree(key: jax.Array, params: Any, policy: Policy, *, layout: str = "in_out", progress: bool = True) -> Any:
+def quantize_tree(
+    key: jax.Array, params: Any, policy: Policy, *, layout: str = "in_out", progress: bool = True, mesh: Any = None
+) -> Any:
     """Quantizes the leaves of ``params`` chosen by ``policy``; other leaves are kept as they are.
 
     Args:
@@ -170,6 +175,10 @@ def quantize_tree(key: jax.Array, params: Any, policy: Policy, *, layout: str = 
         a Flax kernel ``[in, out]``). Either way, :func:`dequantize_tree` returns the original
         orientation.
       progress: show a tqdm progress bar over the leaves.
+      mesh: a ``jax.sharding.Mesh`` (one axis) to quantize on: each leaf is split over its
+        devices where its method allows (:func:`qetjax.sharding.quantize_leaf`: rows, PQ
+        subspaces, k-means points; the same codes as without a mesh), else quantized whole
+        on one of them, the devices in turn. ``None``: the default device.
 
     Returns:
       A pytree of the same structure whose quantized leaves are
@@ -200,7 +209,7 @@ def quantize_tree(key: jax.Array, params: Any, policy: Policy, *, layout: str = 
         else:
             if flipped and isinstance(q, Quantizer):
                 q = transposed(q)
-            out.append(_quantize_leaf(q, key, p, leaf))
+            out.append(_quantize_leaf(q, key, p, leaf, mesh))
             quantized += 1
     if isinstance(fn, _Rules):
         fn.warn_unused()
