@@ -41,6 +41,7 @@ from qetjax.budget import budget_bits
 from qetjax.core import (
     Quantizer,
     check_int,
+    check_storage_dtype,
     pytree_dataclass,
     register_budget,
     register_method,
@@ -53,6 +54,29 @@ from qetjax.rotations import hadamard_block, hadamard_transform
 
 GAIN_SCALES = ("row", "tensor")
 MAX_PULSES = 16384
+MAX_TABLE_BYTES = 1 << 30
+"""The most memory the enumeration tables of one configuration may take (host and graph tables)."""
+
+
+def table_bytes(group_size: int, pulses: int) -> int:
+    """An upper bound on the bytes of the enumeration tables of ``S(group_size, pulses)``.
+
+    Computed without building them, from ``log2 V(D, K) <= min(D, K) + log2 C(D + K - 1, K)``:
+    ``(D + 1)(K + 2)`` entries, each a Python int of that many bits and ``3 L`` graph limbs.
+    """
+    d, k = group_size, pulses
+    log2_points = min(d, k) + (math.lgamma(d + k) - math.lgamma(k + 1) - math.lgamma(d)) / math.log(2)
+    limbs = int(log2_points) // enumeration.LIMB_BITS + 1
+    return (d + 1) * (k + 2) * (12 * limbs + 28 + int(log2_points) // 8 + 1)
+
+
+def max_pulses(group_size: int) -> int:
+    """The most pulses whose tables fit :data:`MAX_TABLE_BYTES` for ``group_size`` (at most ``MAX_PULSES``)."""
+    lo, hi = 0, MAX_PULSES
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if table_bytes(group_size, mid) <= MAX_TABLE_BYTES else (lo, mid - 1)
+    return lo
 
 
 @pytree_dataclass
@@ -81,18 +105,45 @@ def _check_width(d: int, group_size: int) -> None:
         )
 
 
-def _shapes_and_gains(x: jax.Array, group_size: int, pulses: int, method: str) -> tuple[jax.Array, jax.Array]:
-    """Pyramid points ``int32[n, G, D]`` and gains ``float32[n, G]`` of the groups of ``x``."""
+CHUNK_ELEMENTS = 1 << 21
+"""Weights (times index limbs) projected and enumerated at once in fit and encode: rows go in
+chunks of about this size, so the working set stays a few times ``CHUNK_ELEMENTS`` words
+instead of growing with the matrix."""
+
+
+def _row_chunk(n: int, d: int, limbs: int) -> int:
+    return max(1, min(n, CHUNK_ELEMENTS // (d * limbs)))
+
+
+def _row_shapes_and_gains(row: jax.Array, pulses: int, method: str) -> tuple[jax.Array, jax.Array]:
+    """Pyramid points ``int32[G, D]`` and gains ``float32[G]`` of one row's groups ``row[G, D]``.
+
+    The row is scaled by a power of two (exact) to a maximum magnitude in ``[0.5, 1)`` before the
+    projection, so sums and squares cannot overflow or underflow for any finite float32 input;
+    the gains are scaled back (exact again), so ordinary data gives bit-identical results.
+    """
+    _, exponent = jnp.frexp(jnp.abs(row).max())
+    y = projection.project(jnp.ldexp(row, -exponent), pulses, method)
+    gain = jnp.maximum(projection.correlation(jnp.ldexp(row, -exponent), y), 0.0)
+    return y, jnp.ldexp(gain, exponent)
+
+
+def _grouped(x: jax.Array, group_size: int) -> jax.Array:
     n, d = x.shape
     _check_width(d, group_size)
-    xg = x.reshape(n, d // group_size, group_size)
-    y = projection.project(xg, pulses, method)
-    return y, jnp.maximum(projection.correlation(xg, y), 0.0)
+    return x.reshape(n, d // group_size, group_size)
 
 
-def _scales(g: jax.Array, gain_scale: str) -> jax.Array:
+def _gains(x: jax.Array, group_size: int, pulses: int, method: str) -> jax.Array:
+    """Gains ``float32[n, G]`` of the groups of ``x``, computed in chunks of rows."""
+    n, d = x.shape
+    one = lambda row: _row_shapes_and_gains(row, pulses, method)[1]
+    return jax.lax.map(one, _grouped(x, group_size), batch_size=_row_chunk(n, d, 2))
+
+
+def _scales(g: jax.Array, gain_scale: str, scale_dtype: str) -> jax.Array:
     s = g.max(axis=1) if gain_scale == "row" else g.max(keepdims=True)
-    return s.astype(jnp.float16)
+    return s.astype(scale_dtype)
 
 
 def _normalized(g: jax.Array, scales: jax.Array) -> jax.Array:
@@ -101,13 +152,13 @@ def _normalized(g: jax.Array, scales: jax.Array) -> jax.Array:
 
 
 def _pvq(group_size: int, pulses: int, gain_bits: int, projection_method: str, gains: str,
-         gain_scale: str) -> Quantizer:
+         gain_scale: str, scale_dtype: str) -> Quantizer:
     tables = lambda: enumeration.graph_tables(group_size, pulses)
     width = enumeration.index_bits(group_size, pulses)
 
     def fit(key: jax.Array, x: jax.Array) -> PVQParams:
-        _, g = _shapes_and_gains(x, group_size, pulses, projection_method)
-        scales = _scales(g, gain_scale)
+        g = _gains(x, group_size, pulses, projection_method)
+        scales = _scales(g, gain_scale, scale_dtype)
         levels = gain_lib.fit_levels(_normalized(g, scales).reshape(-1), gain_bits, gains)
         return PVQParams(jnp.sort(levels.astype(jnp.float16)), scales)
 
@@ -117,14 +168,20 @@ def _pvq(group_size: int, pulses: int, gain_bits: int, projection_method: str, g
                 f"x has {x.shape[0]} rows but the params were fitted on {params.scales.shape[0]}; "
                 'use gain_scale="tensor" to encode other rows'
             )
-        y, g = _shapes_and_gains(x, group_size, pulses, projection_method)
+        t = tables()
+
+        def one(row: jax.Array) -> tuple[jax.Array, jax.Array]:  # a row's indices [G, L] and gains [G]
+            y, g = _row_shapes_and_gains(row, pulses, projection_method)
+            return enumeration.encode_limbs(y, t), g
+
+        n, d = x.shape
+        index, g = jax.lax.map(one, _grouped(x, group_size), batch_size=_row_chunk(n, d, 2 + t.limbs))
         gain_codes = gain_lib.assign(_normalized(g, params.scales), params.codebook.astype(jnp.float32))
-        index = enumeration.encode_limbs(y.reshape(-1, group_size), tables())
         return PVQCodes(
-            packing.pack_limbs(index, width),
+            packing.pack_limbs(index.reshape(-1, t.limbs), width),
             packing.pack(gain_codes.reshape(-1), gain_bits),
-            y.shape[0],
-            y.shape[1],
+            n,
+            d // group_size,
         )
 
     def decode(params: PVQParams, codes: PVQCodes) -> jax.Array:
@@ -150,6 +207,7 @@ def pvq(
     projection_method: str = "best",
     gains: str = "lloyd",
     gain_scale: str = "row",
+    scale_dtype: str = "float16",
 ) -> Quantizer:
     """Pyramid vector quantization of groups of ``group_size`` weights along rows.
 
@@ -163,7 +221,13 @@ def pvq(
         ``"greedy"`` or ``"fischer"``.
       gains: gain levels, ``"lloyd"`` (fitted to the data), ``"lloyd-beta"`` or
         ``"beta"`` (the paper's Beta quantiles).
-      gain_scale: ``"row"`` (a float16 maximum gain per row) or ``"tensor"``.
+      gain_scale: ``"row"`` (a maximum gain per row) or ``"tensor"`` (one).
+      scale_dtype: storage of the gain scales, ``"float16"`` (up to 65504; :func:`qetjax.quantize`
+        switches to ``"float32"`` by itself for data that float16 cannot hold) or ``"float32"``.
+
+    Raises:
+      ValueError: an argument out of range, or ``(group_size, pulses)`` whose enumeration tables
+        would exceed :data:`MAX_TABLE_BYTES`.
 
     Returns:
       A :class:`~qetjax.core.Quantizer`; bits per element are
@@ -183,7 +247,14 @@ def pvq(
         raise ValueError(f"gains must be one of {gain_lib.METHODS}, got {gains!r}")
     if gain_scale not in GAIN_SCALES:
         raise ValueError(f"gain_scale must be one of {GAIN_SCALES}, got {gain_scale!r}")
-    inner = _pvq(group_size, pulses, gain_bits, projection_method, gains, gain_scale)
+    scale_dtype = check_storage_dtype("scale_dtype", scale_dtype)
+    if table_bytes(group_size, pulses) > MAX_TABLE_BYTES:
+        raise ValueError(
+            f"pvq(group_size={group_size}, pulses={pulses}) needs enumeration tables of about "
+            f"{table_bytes(group_size, pulses) / 2**20:.0f} MiB, more than MAX_TABLE_BYTES = {MAX_TABLE_BYTES / 2**20:.0f} MiB; "
+            f"use at most pulses={max_pulses(group_size)} for this group size, or smaller groups"
+        )
+    inner = _pvq(group_size, pulses, gain_bits, projection_method, gains, gain_scale, scale_dtype)
     q = transformed(hadamard_transform(hadamard_block(group_size)), inner) if rotate else inner
     return q._replace(column_group=group_size)  # the rotation stays inside each group
 
@@ -194,12 +265,12 @@ _GAUSSIAN_LLOYD_MSE = (0.3634, 0.1175, 0.03454, 0.009497)  # unit-variance Lloyd
 
 
 def stored_size(shape: tuple[int, int], group_size: int, pulses: int, gain_bits: int, rotate: bool,
-                gain_scale: str) -> int:
+                gain_scale: str, scale_dtype: str = "float16") -> int:
     """Stored bits of ``pvq(...)`` on a matrix of ``shape`` (the hand formula; tested equal to ``qetjax.bits``)."""
     n, d = shape
     groups = n * d // group_size
     words = lambda width: -(-groups * width // 32) * 32
-    scales = 16 * (n if gain_scale == "row" else 1)
+    scales = 8 * jnp.dtype(scale_dtype).itemsize * (n if gain_scale == "row" else 1)
     return words(enumeration.index_bits(group_size, pulses)) + words(gain_bits) + scales + (16 << gain_bits) + 64 * rotate
 
 
@@ -234,6 +305,7 @@ def pvq_for_budget(
     projection_method: str = "best",
     gains: str = "lloyd",
     gain_scale: str = "row",
+    scale_dtype: str = "float16",
 ) -> Quantizer:
     """The PVQ configuration with the most pulses that fits the budget.
 
@@ -250,12 +322,14 @@ def pvq_for_budget(
     _check_width(shape[1], group_size)
     limit = budget_bits(shape, bits_per_element)
     widths = [check_int("gain_bits", gain_bits, 1, 16)] if gain_bits is not None else range(1, 9)
-    size = lambda k, b: stored_size(shape, group_size, k, b, rotate, gain_scale)
+    scale_dtype = check_storage_dtype("scale_dtype", scale_dtype)
+    size = lambda k, b: stored_size(shape, group_size, k, b, rotate, gain_scale, scale_dtype)
+    top = max_pulses(group_size)
     best = None
     for b in widths:
         if size(1, b) > limit:
             continue
-        lo, hi = 1, MAX_PULSES
+        lo, hi = 1, top
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if size(mid, b) <= limit else (lo, mid - 1)
@@ -268,6 +342,6 @@ def pvq_for_budget(
             f"bits_per_element={bits_per_element} is too small for pvq on shape {tuple(shape)} with "
             f"group_size={group_size}: even pulses=1 needs {smallest:.4f}"
         )
-    q = pvq(group_size, best[1], best[2], rotate, projection_method, gains, gain_scale)
+    q = pvq(group_size, best[1], best[2], rotate, projection_method, gains, gain_scale, scale_dtype)
     assert stored_bits(q, shape) == size(best[1], best[2]) <= limit
     return q
