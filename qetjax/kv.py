@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qetjax.core import Quantizer, Spec, bits, QuantizedArray, from_spec, pytree_dataclass, static_field
+from qetjax.core import QuantizedArray, Quantizer, Spec, bits, from_spec, pytree_dataclass, static_field
+from qetjax.methods.scalar import rtn
+from qetjax.models import llama
 from qetjax.models.minilm import attention
 
 
@@ -46,12 +48,16 @@ class KVCodec:
       values: the same for the values.
       spec: the quantizer's spec (static).
       per_head: one fit per head (``True``) or one shared by the heads of a layer.
+      fitted_dim: the head size the params were fitted on (static; checked when applied).
+      num_heads: the number of heads fitted (static; checked per head).
     """
 
     keys: tuple
     values: tuple
     spec: Spec = static_field()
     per_head: bool = static_field()
+    fitted_dim: int | None = static_field(default=None)
+    num_heads: int | None = static_field(default=None)
 
     @property
     def quantizer(self) -> Quantizer:
@@ -103,23 +109,36 @@ def fit_kv(
     """
     if not isinstance(q, Quantizer) or q.spec is None:
         raise TypeError(f"q must be a Quantizer from a registered constructor, got {type(q).__name__}")
+    if not isinstance(kv, Sequence) or len(kv) == 0:
+        raise ValueError("kv must be a non-empty list of per-layer (keys, values) pairs (no calibration samples given)")
     batches = [(kv, attention_mask)] if isinstance(kv[0][0], (jax.Array, np.ndarray)) else list(zip(kv, attention_mask))
+    if not batches or not batches[0][0]:
+        raise ValueError("kv holds no calibration batches")
     num_layers = len(batches[0][0])
     fitted = []
     for layer in range(num_layers):
         for which in (0, 1):
             rows = np.concatenate([calibration_rows(b[layer][which], m) for b, m in batches], axis=1)
+            if rows.shape[1] == 0:
+                raise ValueError("attention_mask selects no tokens: fit_kv needs at least one real calibration token")
             if not np.isfinite(rows).all():
                 raise ValueError(f"layer {layer} {'keys' if which == 0 else 'values'} contain NaN or Inf")
             k = jax.random.fold_in(key, 2 * layer + which)
             fitted.append(_fit_one(q, k, jnp.asarray(rows), per_head))
-    return KVCodec(tuple(fitted[0::2]), tuple(fitted[1::2]), q.spec, bool(per_head))
+    heads, dim = rows.shape[0], rows.shape[2]
+    return KVCodec(tuple(fitted[0::2]), tuple(fitted[1::2]), q.spec, bool(per_head), int(dim), int(heads))
 
 
 def quantize_heads(codec: KVCodec, params: Any, x: jax.Array) -> jax.Array:
     """Encodes and decodes ``x[batch, heads, seq, head_dim]`` with one layer's fitted ``params``."""
     q = codec.quantizer
+    if getattr(x, "ndim", None) != 4:
+        raise ValueError(f"keys/values must be [batch, heads, seq, head_dim], got shape {getattr(x, 'shape', None)}")
     b, h, s, d = x.shape
+    if codec.fitted_dim is not None and d != codec.fitted_dim:
+        raise ValueError(f"keys/values have head_dim {d}, but the codec was fitted on rows of width {codec.fitted_dim}")
+    if codec.per_head and codec.num_heads is not None and h != codec.num_heads:
+        raise ValueError(f"keys/values have {h} heads, but the per-head codec was fitted on {codec.num_heads}")
 
     def roundtrip(p: Any, rows: jax.Array) -> jax.Array:
         return q.decode(p, q.encode(p, rows))
@@ -155,6 +174,11 @@ def _one_head_params(codec: KVCodec, params: Any) -> Any:
 
 def code_bits_per_element(codec: KVCodec, tokens: int, head_dim: int) -> float:
     """Stored bits per cached element of what grows with the cache (codes and per-row side info)."""
+    for name, value in (("tokens", tokens), ("head_dim", head_dim)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if codec.fitted_dim is not None and head_dim != codec.fitted_dim:
+        raise ValueError(f"head_dim {head_dim} differs from the fitted head size {codec.fitted_dim}")
     q = codec.quantizer
     p = _one_head_params(codec, codec.keys[0])
     codes = jax.eval_shape(q.encode, p, jax.ShapeDtypeStruct((tokens, head_dim), jnp.float32))
@@ -165,3 +189,339 @@ def code_bits_per_element(codec: KVCodec, tokens: int, head_dim: int) -> float:
 def params_bits(codec: KVCodec) -> int:
     """Stored bits of all fitted params (every layer, keys and values): the fixed cost."""
     return sum(int(np.prod(a.shape)) * a.dtype.itemsize * 8 for a in jax.tree_util.tree_leaves((codec.keys, codec.values)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder KV caches that hold only codes: the KV schemes of qetjax.models.llama
+
+
+@pytree_dataclass
+class ChunkCodec:
+    """Encodes chunks ``[heads, group, head_dim]`` of one layer's keys or values with a registered quantizer.
+
+    Attributes:
+      params: the quantizer's fitted params with a leading layer axis (then a head axis if
+        ``per_head``); for fit-free quantizers such as RTN, the params of a fit on zeros.
+      spec: the quantizer's spec (static).
+      per_head: separate params per head (static).
+      transpose: encode each chunk transposed, ``[head_dim, group]``, so that a per-row
+        quantizer groups each *channel* over the chunk's tokens (KIVI's per-channel keys).
+    """
+
+    params: Any
+    spec: Spec = static_field()
+    per_head: bool = static_field()
+    transpose: bool = static_field(default=False)
+
+    @property
+    def quantizer(self) -> Quantizer:
+        """The quantizer the params belong to."""
+        return from_spec(self.spec)
+
+    def encode(self, params: Any, x: jax.Array) -> Any:
+        """Codes of one chunk ``x[heads, group, head_dim]`` (``params``: one layer's slice)."""
+        q = self.quantizer
+        rows = x.swapaxes(1, 2) if self.transpose else x
+        return jax.vmap(q.encode, in_axes=(0 if self.per_head else None, 0))(params, rows)
+
+    def decode(self, params: Any, codes: Any) -> jax.Array:
+        """Inverse of :meth:`encode`: ``[heads, group, head_dim]`` float32."""
+        q = self.quantizer
+        rows = jax.vmap(q.decode, in_axes=(0 if self.per_head else None, 0))(params, codes)
+        return (rows.swapaxes(1, 2) if self.transpose else rows).astype(jnp.float32)
+
+
+def _split_chunks(x: jax.Array, group: int, chunks: int) -> jax.Array:
+    """``[b, h, s, d]`` -> ``[b, chunks, h, group, d]``, zero-padded (or cut) to ``chunks * group`` tokens."""
+    b, h, s, d = x.shape
+    t = chunks * group
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, max(t - s, 0)), (0, 0)))[:, :, :t]
+    return x.reshape(b, h, chunks, group, d).transpose(0, 2, 1, 3, 4)
+
+
+def _join_chunks(x: jax.Array, length: int) -> jax.Array:
+    """Inverse of :func:`_split_chunks`: ``[b, chunks, h, group, d]`` -> ``[b, h, length, d]``."""
+    b, c, h, g, d = x.shape
+    return x.transpose(0, 2, 1, 3, 4).reshape(b, h, c * g, d)[:, :, :length]
+
+
+def _where_tree(cond: jax.Array, new: Any, old: Any) -> Any:
+    """``where(cond, new, old)`` leaf by leaf; ``cond`` broadcasts over the leaves' trailing axes."""
+    def pick(a: jax.Array, b: jax.Array) -> jax.Array:
+        c = cond.reshape(cond.shape + (1,) * (a.ndim - cond.ndim))
+        return jnp.where(c, a, b)
+
+    return jax.tree.map(pick, new, old)
+
+
+@pytree_dataclass
+class QuantizedKV:
+    """A decoder KV cache that holds keys and values only as codes and side information.
+
+    Tokens enter a full-precision window (stored at ``window_dtype``); once ``window`` newer
+    tokens follow a complete chunk of ``group`` tokens, the chunk is encoded with ``keys`` /
+    ``values`` and leaves the window. The cache thus holds at most ``window + group`` tokens in
+    full precision (a ring buffer, counted in :func:`cache_bits`) and the rest as codes. With
+    ``group=1, window=0`` every token is encoded as it is written. ``pre_rope`` caches the keys
+    before the rotary embedding (KVQuant), which is applied to the decoded keys when read.
+
+    It implements the KV-scheme methods of :class:`qetjax.models.llama.FloatKV`; ``attend_full``
+    computes, in one parallel pass, the attention of every query over exactly the keys and
+    values (quantized or still in the window) that a token-by-token decode would have held.
+
+    Attributes:
+      keys: the keys' :class:`ChunkCodec`.
+      values: the values' :class:`ChunkCodec`.
+      group: tokens per encoded chunk (static).
+      window: most recent tokens kept in full precision (static).
+      pre_rope: quantize keys before RoPE (static).
+      window_dtype: storage dtype of the full-precision window (static).
+
+    Example:
+        >>> scheme = kivi(4, group=32, window=32)
+        >>> llama.perplexity(params, windows, kv=scheme)
+        >>> llama.generate(params, prompt, 16, kv=scheme)
+    """
+
+    keys: ChunkCodec
+    values: ChunkCodec
+    group: int = static_field()
+    window: int = static_field()
+    pre_rope: bool = static_field(default=False)
+    window_dtype: str = static_field(default="float16")
+
+    @property
+    def layer_data(self) -> tuple[Any, Any]:
+        """The per-layer codec params (leading layer axis), scanned with the layers."""
+        return self.keys.params, self.values.params
+
+    @property
+    def ring(self) -> int:
+        """Size of the full-precision ring buffer in tokens."""
+        return self.window + self.group
+
+    def _num_chunks(self, max_len: int) -> int:
+        return -(-max_len // self.group)
+
+    def quantized_count(self, n: jax.Array) -> jax.Array:
+        """Tokens held as codes once ``n`` tokens are written: whole chunks older than the window."""
+        return self.group * (jnp.maximum(n - self.window, 0) // self.group)
+
+    def _round(self, x: jax.Array) -> jax.Array:
+        return x.astype(self.window_dtype).astype(jnp.float32)
+
+    def _encode_chunks(self, codec: ChunkCodec, params: Any, chunks: jax.Array) -> Any:
+        return jax.vmap(jax.vmap(codec.encode, in_axes=(None, 0)), in_axes=(None, 0))(params, chunks)
+
+    def _decode_chunks(self, codec: ChunkCodec, params: Any, codes: Any) -> jax.Array:
+        return jax.vmap(jax.vmap(codec.decode, in_axes=(None, 0)), in_axes=(None, 0))(params, codes)
+
+    def init(self, config: Any, batch: int, max_len: int) -> tuple[Any, Any, jax.Array, jax.Array]:
+        """Empty state, stacked over layers: key codes, value codes, key ring, value ring."""
+        h, d, layers = config.num_kv_heads, config.head_dim, config.num_layers
+        chunks = self._num_chunks(max_len)
+        spec = jax.ShapeDtypeStruct((batch, chunks, h, self.group, d), jnp.float32)
+
+        def empty(codec: ChunkCodec) -> Any:
+            params = jax.tree.map(lambda a: a[0], codec.params)
+            shapes = jax.eval_shape(functools.partial(self._encode_chunks, codec), params, spec)
+            return jax.tree.map(lambda t: jnp.zeros((layers,) + t.shape, t.dtype), shapes)
+
+        ring = jnp.zeros((layers, batch, h, self.ring, d), self.window_dtype)
+        return empty(self.keys), empty(self.values), ring, ring
+
+    def _sources(self, k: jax.Array, v: jax.Array, k_pre: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return (k_pre if self.pre_rope else k), v
+
+    def attend_full(self, data: Any, q: jax.Array, k: jax.Array, v: jax.Array, k_pre: jax.Array,
+                    visible: jax.Array, rope: Any) -> jax.Array:
+        """Attention of a whole sequence (from position 0) as decoded through this cache."""
+        kp, vp = data
+        ks, vs = self._sources(k, v, k_pre)
+        ks, vs = self._round(ks), self._round(vs)
+        b, hkv, s, d = ks.shape
+        chunks = self._num_chunks(s)
+        k_hat = _join_chunks(self._decode_chunks(self.keys, kp, self._encode_chunks(
+            self.keys, kp, _split_chunks(ks, self.group, chunks))), s)
+        v_hat = _join_chunks(self._decode_chunks(self.values, vp, self._encode_chunks(
+            self.values, vp, _split_chunks(vs, self.group, chunks))), s)
+        k_fp = ks
+        if self.pre_rope:
+            positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+            k_hat, k_fp = rope(k_hat, positions), rope(ks, positions)
+        held = jnp.arange(s)[None, :] < self.quantized_count(jnp.arange(s) + 1)[:, None]  # [query, key]
+        hq = q.shape[1]
+        qg = q.reshape(b, hkv, hq // hkv, s, d)
+        scale = np.float32(1.0 / np.sqrt(d))
+        scores = jnp.where(held, jnp.einsum("bhgsd,bhtd->bhgst", qg, k_hat), jnp.einsum("bhgsd,bhtd->bhgst", qg, k_fp))
+        scores = jnp.where(visible[:, None, None], scores * scale, jnp.finfo(jnp.float32).min)
+        p = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bhgst,bhtd->bhgsd", jnp.where(held, p, 0.0), v_hat)
+        out = out + jnp.einsum("bhgst,bhtd->bhgsd", jnp.where(held, 0.0, p), vs)
+        return out.reshape(b, hq, s, d)
+
+    def write_prompt(self, data: Any, state: Any, k: jax.Array, v: jax.Array, k_pre: jax.Array,
+                     length: jax.Array) -> Any:
+        """The state after prompts of ``length[b]`` tokens written from an empty cache."""
+        kp, vp = data
+        kc, vc, kr, vr = state
+        chunks = jax.tree.leaves(kc)[0].shape[1]
+        ks, vs = self._sources(k, v, k_pre)
+        ks, vs = self._round(ks), self._round(vs)
+        done = (jnp.arange(chunks)[None] + 1) * self.group <= self.quantized_count(length)[:, None]  # [b, chunks]
+        kc = _where_tree(done, self._encode_chunks(self.keys, kp, _split_chunks(ks, self.group, chunks)), kc)
+        vc = _where_tree(done, self._encode_chunks(self.values, vp, _split_chunks(vs, self.group, chunks)), vc)
+        # Ring slot r holds the latest token j < length with j = r (mod ring).
+        r = jnp.arange(self.ring)[None]
+        last = length[:, None] - 1
+        j = jnp.clip(r + self.ring * jnp.floor_divide(last - r, self.ring), 0, ks.shape[2] - 1)  # [b, ring]
+
+        def gather(x: jax.Array) -> jax.Array:
+            return jnp.take_along_axis(x, j[:, None, :, None], axis=2)
+
+        return kc, vc, gather(ks).astype(kr.dtype), gather(vs).astype(vr.dtype)
+
+    def append(self, data: Any, state: Any, k: jax.Array, v: jax.Array, k_pre: jax.Array, start: jax.Array) -> Any:
+        """Writes one new token per sequence at position ``start[b]``; encodes a chunk when it leaves the window."""
+        if k.shape[2] != 1:
+            raise ValueError(f"QuantizedKV.append writes one token at a time, got {k.shape[2]}")
+        kp, vp = data
+        ks, vs = self._sources(k, v, k_pre)
+
+        def one(kc: Any, vc: Any, kr: jax.Array, vr: jax.Array, kn: jax.Array, vn: jax.Array, pos: jax.Array) -> Any:
+            slot = pos % self.ring
+            kr = jax.lax.dynamic_update_slice_in_dim(kr, kn.astype(kr.dtype), slot, axis=1)
+            vr = jax.lax.dynamic_update_slice_in_dim(vr, vn.astype(vr.dtype), slot, axis=1)
+            n = pos + 1
+            due = (n - self.window >= self.group) & ((n - self.window) % self.group == 0)
+            chunks = jax.tree.leaves(kc)[0].shape[0]
+            c = jnp.clip((n - self.window) // self.group - 1, 0, chunks - 1)
+            rows = (c * self.group + jnp.arange(self.group)) % self.ring
+
+            def update(codes: Any, codec: ChunkCodec, params: Any, ring: jax.Array) -> Any:
+                new = codec.encode(params, ring[:, rows].astype(jnp.float32))
+                old = jax.tree.map(lambda a: a[c], codes)
+                merged = _where_tree(due, new, old)
+                return jax.tree.map(lambda a, m: jax.lax.dynamic_update_index_in_dim(a, m, c, 0), codes, merged)
+
+            return update(kc, self.keys, kp, kr), update(vc, self.values, vp, vr), kr, vr
+
+        kc, vc, kr, vr = jax.vmap(one)(*state, ks, vs, start)
+        return kc, vc, kr, vr
+
+    def read(self, data: Any, state: Any, length: jax.Array, rope: Any) -> tuple[jax.Array, jax.Array]:
+        """Keys (after RoPE) and values of every slot: decoded codes, or the window's copy."""
+        kp, vp = data
+        kc, vc, kr, vr = state
+        b, h, _, d = kr.shape
+        chunks = jax.tree.leaves(kc)[0].shape[1]
+        max_len = chunks * self.group
+        slots = jnp.arange(max_len)
+        held = slots[None, :] < self.quantized_count(length)[:, None]  # [b, T]
+        ring_k = kr[:, :, slots % self.ring].astype(jnp.float32)
+        ring_v = vr[:, :, slots % self.ring].astype(jnp.float32)
+        keys = jnp.where(held[:, None, :, None], _join_chunks(self._decode_chunks(self.keys, kp, kc), max_len), ring_k)
+        values = jnp.where(held[:, None, :, None], _join_chunks(self._decode_chunks(self.values, vp, vc), max_len), ring_v)
+        if self.pre_rope:
+            keys = rope(keys, jnp.broadcast_to(slots, (b, max_len)))
+        return keys, values
+
+
+def _stack_layers(params: Sequence[Any]) -> Any:
+    return jax.tree.map(lambda *a: jnp.stack(a), *params)
+
+
+def _fit_free_codec(q: Quantizer, num_layers: int, group: int, head_dim: int, transpose: bool) -> ChunkCodec:
+    rows = (head_dim, group) if transpose else (group, head_dim)
+    params = jax.jit(q.fit)(jax.random.key(0), jnp.zeros(rows, jnp.float32))
+    return ChunkCodec(_stack_layers([params] * num_layers), q.spec, False, transpose)
+
+
+def kivi(config: Any, bits: int, *, group: int = 32, value_group: int = 32, window: int = 32,
+         pre_rope: bool = False, window_dtype: str = "float16") -> QuantizedKV:
+    """KIVI: asymmetric RTN of keys per channel (over chunks of ``group`` tokens) and values per token.
+
+    Keys: each channel of each chunk of ``group`` tokens gets an fp16 scale and minimum
+    (``qetjax.rtn(bits)`` per row of the transposed chunk); values: each token's
+    ``value_group`` consecutive channels get theirs (``qetjax.rtn(bits, group_size=value_group)``).
+    The ``window`` most recent tokens (and the incomplete chunk) stay in full precision.
+    ``pre_rope=True`` quantizes the keys before RoPE (as KVQuant does; see :func:`kvquant`).
+
+    Args:
+      config: the model's :class:`~qetjax.models.llama.LlamaConfig`.
+      bits: code bits per element.
+      group: tokens per key chunk.
+      value_group: channels per value group (must divide ``head_dim``).
+      window: recent tokens kept in full precision.
+      pre_rope: quantize keys before the rotary embedding.
+      window_dtype: dtype of the full-precision window.
+
+    Example:
+        >>> scheme = kivi(llama.config_of(params), 2, group=32, window=32)
+    """
+    for name, value, low in (("bits", bits, 1), ("group", group, 1), ("value_group", value_group, 1), ("window", window, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if config.head_dim % value_group:
+        raise ValueError(f"value_group ({value_group}) must divide head_dim ({config.head_dim})")
+    value_q = rtn(bits) if value_group == config.head_dim else rtn(bits, group_size=value_group)
+    return QuantizedKV(
+        _fit_free_codec(rtn(bits), config.num_layers, group, config.head_dim, transpose=True),
+        _fit_free_codec(value_q, config.num_layers, group, config.head_dim, transpose=False),
+        int(group), int(window), bool(pre_rope), str(window_dtype))
+
+
+def kvquant(config: Any, bits: int, **options: Any) -> QuantizedKV:
+    """KVQuant-style: KIVI's per-channel keys and per-token values, with keys quantized *before* RoPE.
+
+    Only KVQuant's pre-RoPE per-channel key quantization is reproduced; its non-uniform
+    (sensitivity-weighted k-means) datatype and dense-and-sparse outlier isolation are not.
+    """
+    return kivi(config, bits, pre_rope=True, **options)
+
+
+def fit_scheme(key: jax.Array, q: Quantizer, model_params: Any, input_ids: Any, attention_mask: Any = None, *,
+               per_head: bool = True, pre_rope: bool = False, group: int = 1, window: int = 0,
+               window_dtype: str = "float16") -> QuantizedKV:
+    """A :class:`QuantizedKV` with a registered quantizer fitted once on calibration keys/values.
+
+    Runs the decoder on ``input_ids``, fits ``q`` to every layer's keys (after RoPE, or before
+    with ``pre_rope``) and values of the real tokens (:func:`fit_kv`), and encodes new tokens
+    with those params as they are written.
+
+    Example:
+        >>> scheme = fit_scheme(jax.random.key(0), qetjax.pq(4, 256), params, calib_ids)
+    """
+    config = llama.config_of(model_params)
+    mask = np.ones(np.shape(input_ids), np.int32) if attention_mask is None else np.asarray(attention_mask)
+    _, (k, v) = jax.jit(llama.forward)(model_params, input_ids, mask)
+    if pre_rope:  # undo the rotation: RoPE at -p is the inverse of RoPE at p
+        positions = -jnp.broadcast_to(jnp.arange(k.shape[3]), k.shape[1:2] + k.shape[3:4])
+        k = jax.vmap(lambda x: llama.apply_rope(x, positions, config.rope_theta))(k)
+    codec = fit_kv(key, q, [(k[i], v[i]) for i in range(config.num_layers)], mask, per_head=per_head)
+    return QuantizedKV(ChunkCodec(_stack_layers(codec.keys), q.spec, bool(per_head)),
+                       ChunkCodec(_stack_layers(codec.values), q.spec, bool(per_head)),
+                       int(group), int(window), bool(pre_rope), str(window_dtype))
+
+
+def cache_bits(scheme: Any, config: Any, batch: int, max_len: int) -> dict[str, int]:
+    """Stored bits of a KV cache of ``batch`` sequences and ``max_len`` tokens: codes, window, fitted params.
+
+    ``codes`` grows with the cache (codes and per-chunk side information such as scales);
+    ``window`` is the full-precision ring buffer; ``params`` the fitted codebooks (a fixed cost
+    shared by all sequences). A :class:`~qetjax.models.llama.FloatKV` counts all as ``codes``.
+
+    Example:
+        >>> cache_bits(kivi(cfg, 2), cfg, 1, 512)["total"] / (2 * 30 * 3 * 512 * 64)
+    """
+    state = jax.eval_shape(lambda: scheme.init(config, batch, max_len))
+
+    def size(tree: Any) -> int:
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize * 8 for a in jax.tree.leaves(tree))
+
+    if isinstance(scheme, QuantizedKV):
+        out = {"codes": size(state[:2]), "window": size(state[2:]), "params": size(scheme.layer_data)}
+    else:
+        out = {"codes": size(state), "window": 0, "params": 0}
+    out["total"] = sum(out.values())
+    return out

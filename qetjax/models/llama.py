@@ -525,8 +525,8 @@ def extend(params: Params, cache: KVCache, input_ids: Any, attention_mask: Any =
     def attend(xs: Any, q: jax.Array, k: jax.Array, v: jax.Array, k_pre: jax.Array) -> tuple[jax.Array, Any]:
         data, state = xs
         state = scheme.append(data, state, k, v, k_pre, start)
-        k_all, v_all = scheme.read(data, state, new_len, rope)
-        return grouped_attention(q, k_all, v_all, visible), state
+        k_all, v_all = scheme.read(data, state, new_len, rope)  # a scheme may hold a few spare slots
+        return grouped_attention(q, k_all[:, :, :cache.max_len], v_all[:, :, :cache.max_len], visible), state
 
     hidden, state = _run_layers(params, x, positions, attend, (scheme.layer_data, cache.state))
     return head_logits(params, hidden), KVCache(state, new_len, cache.max_len)
