@@ -400,3 +400,111 @@ def test_quantize_rejects_bad_matrices(q):
         qetjax.quantize(q, KEY, jnp.array([[1.0, jnp.nan]]))
     with pytest.raises(TypeError, match="floating"):
         qetjax.quantize(q, KEY, jnp.ones((2, 2), jnp.int32))
+
+
+# --------------------------------------------------------------------------- rotated RTN and normal-float levels
+
+from qetjax.methods.scalar import nf_levels, rotated_rtn  # noqa: E402
+from qetjax.rotations import randomized_hadamard  # noqa: E402
+
+# QLoRA's NF4 table (Dettmers et al., 2023, appendix E), to the 4 digits it is printed with.
+NF4 = [-1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
+       0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0]
+
+
+def test_nf_levels_are_qloras_nf4_and_symmetric_in_construction():
+    np.testing.assert_allclose(nf_levels(4), NF4, atol=6e-5)  # -0.091050 is printed -0.0911
+    for bits in range(2, 9):
+        levels = nf_levels(bits)
+        assert len(levels) == 2**bits and levels[0] == -1.0 and levels[-1] == 1.0
+        assert np.all(np.diff(levels) > 0) and 0.0 in levels
+
+
+@pytest.mark.parametrize("granularity,group_size", [("tensor", None), ("row", None), ("group", 32)])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_nf_decodes_to_the_nearest_scaled_level(bits, granularity, group_size):
+    x = normal((6, 64), seed=bits)
+    q = qetjax.nf(bits, group_size, granularity)
+    qa, xh = roundtrip(q, x)
+    g = group_view(np.asarray(x), granularity, group_size)
+    scales = np.asarray(qa.codes.scales, np.float32)[..., None]
+    assert np.all(scales >= np.abs(g).max(-1, keepdims=True))  # rounded up: every value inside [-s, s]
+    levels = nf_levels(bits).astype(np.float32)
+    candidates = scales[..., None] * levels  # [R, G, 1, L]
+    best = np.abs(g[..., None] - candidates).min(-1)
+    np.testing.assert_allclose(np.abs(g - group_view(xh, granularity, group_size)), best, atol=1e-6)
+    groups = {"tensor": 1, "row": 6, "group": 12}[granularity]
+    expected = {"codes": math.ceil(6 * 64 * bits / 32) * 32, "scales": 16 * groups}
+    assert qetjax.bits(qa) == {**expected, "total": sum(expected.values())}
+    # the levels themselves, times a power-of-two scale, decode exactly; zeros too
+    exact = np.tile(levels * 2.0, (2, 64 // len(levels) + 1))[:, :64] if len(levels) <= 64 else None
+    if exact is not None and granularity == "row":
+        _, back = roundtrip(q, jnp.asarray(exact))
+        np.testing.assert_array_equal(back, exact)
+        _, zeros = roundtrip(q, jnp.zeros((2, 64)))
+        np.testing.assert_array_equal(zeros, 0.0)
+
+
+def test_nf4_beats_uniform_rtn_at_equal_bits_on_gaussian_data():
+    x = normal((64, 256), seed=3)
+    nf = qetjax.metrics.sqnr_db(x, roundtrip(qetjax.nf(4, group_size=64), x)[1])
+    uniform = qetjax.metrics.sqnr_db(x, roundtrip(qetjax.rtn(4, group_size=64, symmetric=True), x)[1])
+    assert nf > uniform
+
+
+def test_rotated_rtn_is_rtn_of_the_rotated_rows():
+    x = normal((8, 128), seed=4)
+    q = rotated_rtn(3, group_size=32, symmetric=True)
+    qa, xh = roundtrip(q, x)
+    seed = qa.params.transform.seed
+    y = randomized_hadamard(x, seed, block=32)
+    inner = qetjax.rtn(3, group_size=32, symmetric=True)
+    y_hat = qetjax.dequantize(qetjax.quantize(inner, KEY, y))
+    np.testing.assert_allclose(xh, np.asarray(randomized_hadamard(y_hat, seed, inverse=True, block=32)), atol=1e-6)
+    assert qetjax.bits(qa)["total"] == stored_bits(inner, x.shape) + 64 and qetjax.bits(qa)["seed"] == 64
+    assert q.column_group == 32 and rotated_rtn(3).column_group is None
+
+
+def test_rotated_rtn_beats_rtn_on_outliers_and_is_deterministic():
+    x = normal((32, 256), seed=5).at[:, 7].mul(30.0)  # an outlier column, as in LLM activations' weights
+    plain = qetjax.metrics.sqnr_db(x, roundtrip(qetjax.rtn(3), x)[1])
+    rotated = qetjax.metrics.sqnr_db(x, roundtrip(rotated_rtn(3), x)[1])
+    assert rotated > plain + 3.0
+    a, b = qetjax.quantize(rotated_rtn(3), KEY, x), qetjax.quantize(rotated_rtn(3), KEY, x)
+    np.testing.assert_array_equal(np.asarray(a.codes.inner.codes), np.asarray(b.codes.inner.codes))
+
+
+@pytest.mark.parametrize("budget", [2.5, 3.0, 4.25])
+def test_rotated_rtn_and_nf_budgets_fit_and_mirror_rtn(budget):
+    shape = (64, 512)
+    limit = budget * shape[0] * shape[1]
+    for name in ("rotated_rtn", "nf"):
+        q = qetjax.for_budget(name, shape, budget)
+        assert stored_bits(q, shape) <= limit
+    # rotated RTN: RTN's choice for 64 bits less
+    r = dict(qetjax.for_budget("rotated_rtn", shape, budget).spec.args)
+    assert qetjax.for_budget("rtn", shape, budget - 64 / (shape[0] * shape[1])) is qetjax.rtn(**r)
+    assert qetjax.for_budget("nf", (4096, 4096), 4.25) is qetjax.nf(4, group_size=64)
+    with pytest.raises(ValueError, match="too small for nf"):  # 2 code bits and a scale do not fit 2.0
+        qetjax.for_budget("nf", shape, 2.0)
+
+
+def test_rotated_rtn_and_nf_bad_input_and_save_load(tmp_path):
+    with pytest.raises(ValueError, match="bits"):
+        qetjax.nf(1)
+    with pytest.raises(ValueError, match="group_size"):
+        qetjax.nf(4, group_size=0)
+    with pytest.raises(ValueError, match="scale_dtype"):
+        rotated_rtn(4, scale_dtype="int8")
+    with pytest.raises(ValueError, match=r"group_size=32 must divide the width d=48"):
+        qetjax.quantize(rotated_rtn(4, group_size=32), KEY, normal((4, 48)))
+    with pytest.raises(ValueError, match=r"group_size=32 must divide the width d=48"):
+        qetjax.quantize(qetjax.nf(4, group_size=32), KEY, normal((4, 48)))
+    x = normal((4, 96), seed=6).astype(jnp.bfloat16)
+    tree = {"r": qetjax.quantize(rotated_rtn(4, group_size=32), KEY, x), "n": qetjax.quantize(qetjax.nf(3), KEY, x)}
+    qetjax.save(tmp_path / "s.qet", tree)
+    back = qetjax.load(tmp_path / "s.qet")
+    for k in tree:
+        assert qetjax.dequantize(back[k]).dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(qetjax.dequantize(back[k]), np.float32),
+                                      np.asarray(qetjax.dequantize(tree[k]), np.float32))

@@ -1,8 +1,11 @@
-"""Scalar quantizers: round-to-nearest (RTN) and Lloyd-Max.
+"""Scalar quantizers: round-to-nearest (RTN), rotated RTN, normal-float levels and Lloyd-Max.
 
 :func:`rtn` maps every element to a uniform grid of ``2**bits`` levels whose
 scale (and, if asymmetric, offset) is stored per tensor, per row, or per group of
-``group_size`` consecutive elements of a row. :func:`lloyd_max` fits one
+``group_size`` consecutive elements of a row. :func:`rotated_rtn` is RTN behind a
+randomized Hadamard rotation of the rows (QuaRot style); :func:`nf` maps each group,
+divided by its absmax, to the fixed normal-float levels of :func:`nf_levels` (QLoRA's
+NF4, any width). :func:`lloyd_max` fits one
 non-uniform codebook of ``2**bits`` levels to the values of the whole matrix
 (1-D k-means). Codes are bit-packed at exactly ``bits`` bits per element, in
 row-major order; scales, zeros and codebooks are stored at their stored dtype
@@ -23,7 +26,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+import statistics
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +35,7 @@ import numpy as np
 
 from qetjax import packing
 from qetjax.budget import budget_bits, largest_fitting
+from qetjax.combinators import transformed
 from qetjax.core import (
     PRNGKey,
     Quantizer,
@@ -42,6 +47,7 @@ from qetjax.core import (
     static_field,
     stored_bits,
 )
+from qetjax.rotations import hadamard_block, hadamard_transform
 
 Array = jax.Array
 
@@ -259,6 +265,26 @@ def rtn_for_budget(
     Example:
         >>> q = qetjax.for_budget("rtn", (4096, 4096), 4.25)  # rtn(4, group_size=128)
     """
+    return _grid_for_budget(
+        "rtn", lambda b, g, gran: rtn(b, g, symmetric, gran, scale_dtype), shape, bits_per_element, group_size,
+        granularity, 1,
+    )
+
+
+def _grid_for_budget(
+    name: str,
+    make: Callable[[int, int | None, str | None], Quantizer],
+    shape: tuple[int, int],
+    bits_per_element: float,
+    group_size: int | None,
+    granularity: str | None,
+    min_bits: int,
+) -> Quantizer:
+    """The ``make(bits, group_size, granularity)`` with the most bits, then the finest scales, that fits.
+
+    The search of :func:`rtn_for_budget`, shared by the methods with per-tensor,
+    per-row or per-group scales (:func:`rotated_rtn`, :func:`nf`).
+    """
     if group_size is not None and shape[1] % group_size:
         raise ValueError(f"group_size={group_size} must divide the width d={shape[1]} of the matrix")
     if group_size is not None or granularity is not None:
@@ -268,21 +294,187 @@ def rtn_for_budget(
     limit = budget_bits(shape, bits_per_element)
     best = None
     for g, gran in candidates:
-        def make(b: int, g: int | None = g, gran: str | None = gran) -> Quantizer:
-            return rtn(b, g, symmetric, gran, scale_dtype)
+        def make_bits(b: int, g: int | None = g, gran: str | None = gran) -> Quantizer:
+            return make(b, g, gran)
 
-        if stored_bits(make(1), shape) <= limit:
-            q = largest_fitting(make, range(1, MAX_BITS + 1), shape, bits_per_element)
+        if stored_bits(make_bits(min_bits), shape) <= limit:
+            q = largest_fitting(make_bits, range(min_bits, MAX_BITS + 1), shape, bits_per_element)
             if best is None or _bits_of(q) > _bits_of(best):
                 best = q
     if best is None:
         g, gran = candidates[-1]  # the coarsest candidate
-        need = stored_bits(rtn(1, g, symmetric, gran, scale_dtype), shape) / (shape[0] * shape[1])
+        need = stored_bits(make(min_bits, g, gran), shape) / (shape[0] * shape[1])
         raise ValueError(
-            f"bits_per_element={bits_per_element} is too small for rtn on shape {tuple(shape)}: "
+            f"bits_per_element={bits_per_element} is too small for {name} on shape {tuple(shape)}: "
             f"the smallest configuration needs {need:.4f}"
         )
     return best
+
+
+# --------------------------------------------------------------------------- rotated RTN
+
+
+@register_method("rotated_rtn")
+def rotated_rtn(
+    bits: int,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    granularity: str | None = None,
+    scale_dtype: str = "float16",
+) -> Quantizer:
+    """Round-to-nearest behind a randomized Hadamard rotation of the rows (QuaRot style).
+
+    The rows are rotated by :func:`qetjax.rotations.randomized_hadamard` (random
+    signs then the Walsh-Hadamard transform), which spreads outliers over the
+    row so that the grid's range shrinks, then quantized by :func:`rtn` with the
+    same arguments; decoding rotates back. The rotation acts in blocks of
+    ``hadamard_block(group_size)`` with ``granularity="group"`` (so each group's
+    encoding depends only on its columns: ``column_group = group_size``, GPTQ's
+    granularity), else of ``hadamard_block(d)``, the whole row when ``d`` is a
+    power of two. Stored: :func:`rtn`'s codes, scales and zeros, plus the
+    64-bit seed.
+
+    Args:
+      bits, group_size, symmetric, granularity, scale_dtype: as for :func:`rtn`.
+
+    Example:
+        >>> q = rotated_rtn(3, group_size=128, symmetric=True)
+        >>> qa = qetjax.quantize(q, jax.random.key(0), x)
+    """
+    inner = rtn(bits, group_size, symmetric, granularity, scale_dtype)
+    grouped = _resolve_granularity(granularity, group_size) == "group"
+    t = hadamard_transform(hadamard_block(group_size) if grouped else None)
+    q = transformed(t, inner)
+
+    def fit(key: PRNGKey, x: Array) -> Any:
+        inner.fit(key, x)  # validates group_size against the width before the rotation sees it
+        return q.fit(key, x)
+
+    return Quantizer(fit, q.encode, q.decode, column_group=group_size if grouped else None)
+
+
+@register_budget("rotated_rtn")
+def rotated_rtn_for_budget(
+    shape: tuple[int, int],
+    bits_per_element: float,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    granularity: str | None = None,
+    scale_dtype: str = "float16",
+) -> Quantizer:
+    """The rotated RTN quantizer with the most bits, then the finest scales, that fits (as :func:`rtn_for_budget`).
+
+    Example:
+        >>> q = qetjax.for_budget("rotated_rtn", (4096, 512), 3.0)
+    """
+    return _grid_for_budget(
+        "rotated_rtn", lambda b, g, gran: rotated_rtn(b, g, symmetric, gran, scale_dtype), shape, bits_per_element,
+        group_size, granularity, 1,
+    )
+
+
+# --------------------------------------------------------------------------- normal-float levels
+
+
+def nf_levels(bits: int) -> np.ndarray:
+    """The ``2**bits`` normal-float levels on ``[-1, 1]`` (QLoRA's NF4 construction, any width).
+
+    ``2**(bits-1)`` positive levels are the standard-normal quantiles at
+    ``linspace(p, 1/2, 2**(bits-1) + 1)`` (the last, 0, dropped), ``2**(bits-1) - 1``
+    negative ones at ``linspace(p, 1/2, 2**(bits-1))``, plus an exact zero, all
+    divided by the largest; ``p`` is the mean of ``1 - 1/(2 (2**bits - 1))`` and
+    ``1 - 1/(2**(bits+1))`` (0.9677 for 4 bits, QLoRA's offset). Float64, sorted.
+
+    Example:
+        >>> nf_levels(4)[[0, 7, 15]]
+        array([-1.,  0.,  1.])
+    """
+    bits = check_int("bits", bits, 2, MAX_BITS)
+    half = 2 ** (bits - 1)
+    p = ((1 - 1 / (2 * (2**bits - 1))) + (1 - 1 / (2 ** (bits + 1)))) / 2
+    quantile = np.vectorize(statistics.NormalDist().inv_cdf)
+    positive = quantile(np.linspace(p, 0.5, half + 1)[:-1])
+    negative = -quantile(np.linspace(p, 0.5, half)[:-1])
+    levels = np.sort(np.concatenate([negative, [0.0], positive]))
+    return levels / levels.max()
+
+
+@pytree_dataclass
+class NFCodes:
+    """Codes of :func:`nf`: packed level indices (row-major) and the absmax scales ``[R, G]`` at ``scale_dtype``."""
+
+    codes: Array
+    scales: Array
+    shape: tuple[int, int] = static_field()
+
+
+@register_method("nf")
+def nf(bits: int, group_size: int | None = None, granularity: str | None = None, scale_dtype: str = "float16") -> Quantizer:
+    """Normal-float levels (NF4 style): a fixed Gaussian-quantile grid scaled by each group's absmax.
+
+    Each group (per tensor, row or ``group_size`` elements of a row, resolved as
+    in :func:`rtn`) is divided by its absolute maximum, rounded *up* to
+    ``scale_dtype`` so every value lands in ``[-1, 1]``, and mapped to the
+    nearest of :func:`nf_levels` ``(bits)``; ``x̂ = scale * level``. The levels
+    are a fixed function of ``bits``, not stored; stored are the packed codes
+    (``32 * ceil(n*d*bits/32)`` bits) and one scale per group (``R*G*w``).
+    All-zero groups get scale 0 and decode exactly.
+
+    Args:
+      bits: bits per element, 2..8.
+      group_size: elements per group along a row (QLoRA uses 64).
+      granularity: ``"tensor"``, ``"row"``, ``"group"`` or ``None`` (as :func:`rtn`).
+      scale_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
+
+    Example:
+        >>> qa = qetjax.quantize(nf(4, group_size=64), jax.random.key(0), x)
+        >>> qa.bits_per_element  # 4 + 16/64
+        4.25
+    """
+    bits = check_int("bits", bits, 2, MAX_BITS)
+    if group_size is not None:
+        group_size = check_int("group_size", group_size, 1)
+    granularity = _resolve_granularity(granularity, group_size)
+    scale_dtype = check_storage_dtype("scale_dtype", scale_dtype)
+    levels = nf_levels(bits).astype(np.float32)
+
+    def fit(key: PRNGKey, x: Array) -> None:
+        del key
+        _groups(x, granularity, group_size)  # validates group_size against the width
+        return None
+
+    def encode(params: None, x: Array) -> NFCodes:
+        del params
+        g = _groups(x, granularity, group_size)
+        scales = _round_up(jnp.max(jnp.abs(g), axis=-1), scale_dtype)
+        s = scales.astype(jnp.float32)[..., None]
+        u = jnp.where(s > 0, g / jnp.where(s > 0, s, 1.0), 0.0)
+        return NFCodes(_pack(quantize_to_levels(u, jnp.asarray(levels)), bits), scales, x.shape)
+
+    def decode(params: None, c: NFCodes) -> Array:
+        del params
+        q = _unpack(c.codes, bits, c.shape).reshape(c.scales.shape + (-1,))
+        return (c.scales.astype(jnp.float32)[..., None] * jnp.asarray(levels)[q]).reshape(c.shape)
+
+    return Quantizer(fit, encode, decode, column_group=group_size if granularity == "group" else None)
+
+
+@register_budget("nf")
+def nf_for_budget(
+    shape: tuple[int, int],
+    bits_per_element: float,
+    group_size: int | None = None,
+    granularity: str | None = None,
+    scale_dtype: str = "float16",
+) -> Quantizer:
+    """The NF quantizer with the most bits (2..8), then the finest scales, that fits (as :func:`rtn_for_budget`).
+
+    Example:
+        >>> q = qetjax.for_budget("nf", (4096, 4096), 4.25)  # nf(4, group_size=64)
+    """
+    return _grid_for_budget(
+        "nf", lambda b, g, gran: nf(b, g, gran, scale_dtype), shape, bits_per_element, group_size, granularity, 2
+    )
 
 
 # --------------------------------------------------------------------------- Lloyd-Max engine
