@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 import argparse
-import csv
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -31,9 +31,10 @@ import numpy as np
 from tqdm import tqdm
 
 from qetjax import metrics
-from qetjax.bench import data
+from qetjax.bench import data, report
+from qetjax.bench.config import parse_config, registered_methods
 from qetjax.budget import for_budget
-from qetjax.core import METHODS, bits, dequantize, quantize
+from qetjax.core import bits, dequantize, quantize
 
 COLUMNS = ("data", "shape", "method", "budget", "bits_per_element", "mse", "sqnr_db", "fit_encode_s", "decode_s", "config")
 
@@ -97,21 +98,9 @@ def bench_one(name: str, x: np.ndarray, method: str, budget: float) -> dict[str,
     }
 
 
-def markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """Rows as a markdown table."""
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``qetjax-bench``."""
-    budgeted = sorted(n for n, m in METHODS.items() if m.budget is not None)
+    budgeted = registered_methods()
     parser = argparse.ArgumentParser(prog="qetjax-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small matrices: a seconds-long run")
     parser.add_argument("--bits", type=float, nargs="+", default=[2.0, 3.0, 4.0], help="budgets in bits/element")
@@ -129,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="--model minilm: leaves to quantize")
     parser.add_argument("--sentences", type=int, help="--model minilm: corpus size (default 128 with --quick, else 512)")
     parser.add_argument("--calib-sentences", type=int, help="--model minilm: calibration sentences (default 1024)")
+    parser.add_argument("--reference-sentences", metavar="NPZ",
+                        help="--model minilm: a .npz file whose 'sentences' open the corpus (e.g. the fixture "
+                             "minilm_reference.npz of BENCHMARKS.md's tables; default: $QETJAX_MINILM_REFERENCE, else none)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     if args.model == "minilm":
@@ -144,12 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for job in tqdm(jobs, disable=args.no_progress, desc="qetjax-bench", file=sys.stderr):
         rows.append(bench_one(*job))
-    print(markdown(rows))
+    print(report.markdown_table(rows, COLUMNS))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        report.write_csv(args.csv, rows, COLUMNS)
     return 0
 
 
@@ -159,20 +148,25 @@ def _minilm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     try:
         for c in args.methods:
-            ev.parse_config(c)
+            parse_config(c)
     except ValueError as err:
         parser.error(str(err))
+    if args.reference_sentences is not None and not os.path.isfile(args.reference_sentences):
+        parser.error(f"--reference-sentences: no file {args.reference_sentences!r}")
     sizes = dict(ev.SIZES["quick" if args.quick else "full"])
     for name in ("sentences", "calib_sentences"):
         if getattr(args, name) is not None:
             sizes[name] = getattr(args, name)
-    rows = ev.run(args.methods, args.bits, parts=args.parts, targets=args.targets, **sizes)
-    print(ev.markdown(rows))
+
+    def on_row(row: dict) -> None:
+        print(row, file=sys.stderr, flush=True)
+        jax.clear_caches()  # each leaf's configuration compiles anew; keep a long run's memory bounded
+
+    rows = ev.run(args.methods, args.bits, parts=args.parts, targets=args.targets, reference=args.reference_sentences,
+                  on_row=on_row, **sizes)
+    print(report.markdown_by_part(rows))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-            writer.writeheader()
-            writer.writerows(rows)
+        report.write_csv(args.csv, rows)
     return 0
 
 

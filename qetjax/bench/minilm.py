@@ -17,33 +17,30 @@ The end-to-end run (:func:`run`, used by ``qetjax-bench --model minilm`` and
 ``scripts/eval_minilm.py``) quantizes the 36 linear kernels (rows = output channels by
 default: ``layout="out_in"``), and separately the word-embedding table (rows = tokens), with
 each configuration's budget solver at each budget, optionally with GPTQ on calibration inputs
-captured from the model; it then fits KV-cache quantizers per layer and measures the peak
-memory of quantizing the model (RSS polled during quantization, :class:`RssPeak`).
-Configurations are strings ``method[:option=value...][+gptq][+mixed]``, e.g. ``rtn``,
-``rtn:group_size=128``, ``pvq:group_size=64+gptq+mixed`` (see :func:`parse_config`).
+captured from the model (:mod:`qetjax.calibration`, in the stages of :func:`gptq_stages`); it
+then fits KV-cache quantizers per layer and measures the peak memory of quantizing the model
+in a fresh process (:mod:`qetjax.bench.memory`). Configurations are strings
+``method[:option=value...][+gptq][+mixed]``, e.g. ``rtn``, ``rtn:group_size=128``,
+``pvq:group_size=64+gptq+mixed`` (:func:`qetjax.bench.config.parse_config`); rows print with
+:func:`qetjax.bench.report.markdown_by_part`.
 
 Example:
     >>> batches = make_batches(tokenizer, sentences)
     >>> reference = embed_corpus(params, batches)
     >>> evaluate(qtree, batches, reference)
     {'cos_mean': 0.998, 'cos_min': 0.991, 'top1': 0.98, 'top5': 0.95}
-    >>> print(markdown(run(["rtn:group_size=128"], [4.25], sentences=128, max_length=64)))
+    >>> from qetjax.bench.report import markdown_by_part
+    >>> print(markdown_by_part(run(["rtn:group_size=128"], [4.25], sentences=128, max_length=64)))
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import json
 import os
-import pkgutil
 import re
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,12 +48,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import qetjax
 from qetjax import calibration
 from qetjax import kv as kvq
+from qetjax.bench import memory
+from qetjax.bench.config import Config, parse_config
 from qetjax.bench.corpus import stdlib_sentences
 from qetjax.budget import allocate, for_budget
-from qetjax.core import METHODS
 from qetjax.io import save
 from qetjax.models import minilm
 from qetjax.models.minilm import attention
@@ -168,8 +165,10 @@ def attention_errors(params: Any, batch: dict, codec: kvq.KVCodec) -> np.ndarray
 
 # --------------------------------------------------------------------------- end-to-end run
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minilm_reference.npz"
-"""The 32 held-out reference sentences (used first in the corpus when the file exists)."""
+REFERENCE_ENV = "QETJAX_MINILM_REFERENCE"
+"""Environment variable naming a ``.npz`` file whose ``sentences`` open the evaluation corpus
+(e.g. the reference fixture ``minilm_reference.npz``: its 32 sentences, as in the tables of
+BENCHMARKS.md); without it (and without ``reference=``) the corpus is frozen stdlib sentences only."""
 
 TARGETS = {"linear": r"^encoder/layer_\d+/.*/kernel$", "embedding": r"^embeddings/word_embeddings/embedding$"}
 """Leaves quantized together: the 36 linear kernels, or the word-embedding table."""
@@ -184,60 +183,7 @@ SIZES = {"quick": dict(sentences=128, max_length=64, calib_sentences=1024),
 """Corpus and calibration sizes of a ``--quick`` and a full run. GPTQ's Hessians of the 1536-wide
 MLP inputs need well over 1536 samples: 64 calibration sentences (1.4k tokens) gave cosine 0.987
 at 4 bits where 512 (9.9k tokens) gave 0.991, and 1024 lifted 3 bits from 0.968 to 0.972. The
-docstring corpus holds 1472 sentences, so a full run gets the 960 left after its 512."""
-
-
-def registered_methods() -> list[str]:
-    """Imports every qetjax module (so each registers its methods) and lists those with a budget solver."""
-    for mod in pkgutil.walk_packages(qetjax.__path__, "qetjax."):
-        try:
-            importlib.import_module(mod.name)
-        except Exception as err:  # a module another engineer is still writing
-            print(f"# skipped {mod.name}: {err!r}", file=sys.stderr)
-    return sorted(n for n, m in METHODS.items() if m.budget is not None)
-
-
-class Config(NamedTuple):
-    """One weight-quantization configuration: a budgeted method, its solver options, GPTQ or not,
-    one budget for every leaf or budgets allocated by measured sensitivity (``mixed``, see
-    :func:`mixed_budgets`)."""
-
-    method: str
-    options: tuple[tuple[str, Any], ...] = ()
-    gptq: bool = False
-    mixed: bool = False
-
-    @property
-    def label(self) -> str:
-        """The string :func:`parse_config` reads back."""
-        opts = "".join(f":{k}={json.dumps(v)}" for k, v in self.options)
-        return self.method + opts + ("+gptq" if self.gptq else "") + ("+mixed" if self.mixed else "")
-
-
-def parse_config(text: str) -> Config:
-    """Parses ``method[:option=value...][+gptq][+mixed]``; values are JSON (``128``, ``true``) or plain strings.
-
-    Example:
-        >>> parse_config("rtn:group_size=128+gptq")
-        Config(method='rtn', options=(('group_size', 128),), gptq=True, mixed=False)
-    """
-    body, *flags = text.split("+")
-    if len(set(flags)) != len(flags) or not set(flags) <= {"gptq", "mixed"}:
-        raise ValueError(f"config {text!r}: the suffixes are '+gptq' and '+mixed', each at most once")
-    method, *opts = body.split(":")
-    if method not in METHODS or METHODS[method].budget is None:
-        budgeted = sorted(n for n, m in METHODS.items() if m.budget is not None)
-        raise ValueError(f"config {text!r}: {method!r} is not a method with a budget solver ({budgeted})")
-    options = []
-    for opt in opts:
-        name, eq, value = opt.partition("=")
-        if not eq or not name.isidentifier():
-            raise ValueError(f"config {text!r}: options are name=value, got {opt!r}")
-        try:
-            options.append((name, json.loads(value)))
-        except json.JSONDecodeError:
-            options.append((name, value))
-    return Config(method, tuple(options), "gptq" in flags, "mixed" in flags)
+frozen corpus holds 2105 sentences, so a full run gets all 1024 after its 512."""
 
 
 class Setup(NamedTuple):
@@ -252,24 +198,41 @@ class Setup(NamedTuple):
     calib_batches: Batches
 
 
-def setup(sentences: int = 128, max_length: int = 64, calib_sentences: int = 1024) -> Setup:
-    """Loads MiniLM; tokenizes the evaluation corpus (the fixture's 32 sentences first, when present,
-    then stdlib docstring sentences) and a disjoint calibration set; embeds the corpus with fp32.
+def reference_sentences(path: str | os.PathLike | None = None) -> list[str]:
+    """The ``sentences`` of the ``.npz`` file ``path``, or of :data:`REFERENCE_ENV`'s file; ``[]`` if neither.
 
-    The first 32 corpus sentences are the held-out batch of the KV-cache measurements; the
-    first 128 calibration sentences, as batches, measure sensitivities (:func:`mixed_budgets`).
+    Raises:
+      FileNotFoundError: the file named does not exist.
+      KeyError: it has no ``sentences`` array.
+    """
+    path = os.environ.get(REFERENCE_ENV) if path is None else path
+    if not path:
+        return []
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"reference sentences file {str(path)!r} (argument or ${REFERENCE_ENV}) does not exist")
+    with np.load(path) as d:
+        return [str(t) for t in d["sentences"]]
+
+
+def setup(sentences: int = 128, max_length: int = 64, calib_sentences: int = 1024,
+          reference: str | os.PathLike | None = None) -> Setup:
+    """Loads MiniLM; tokenizes the evaluation corpus and a disjoint calibration set; embeds the corpus with fp32.
+
+    The corpus is the :func:`reference_sentences` of ``reference`` (or :data:`REFERENCE_ENV`),
+    if any, then frozen stdlib docstring sentences. The first 32 corpus sentences are the
+    held-out batch of the KV-cache measurements; the first 128 calibration sentences, as
+    batches, measure sensitivities (:func:`mixed_budgets`).
     """
     _, params, tokenizer = minilm.load_pretrained()
-    first = []
-    if FIXTURE.exists():
-        with np.load(FIXTURE) as d:
-            first = [str(t) for t in d["sentences"]][:sentences]
+    first = reference_sentences(reference)[:sentences]
     corpus = first + (stdlib_sentences(sentences - len(first), exclude=first) if sentences > len(first) else [])
     batches = make_batches(tokenizer, corpus, 32, max_length)
     calib_text = stdlib_sentences(calib_sentences, exclude=corpus)
     calib = minilm.tokenize(tokenizer, calib_text, max_length)
-    return Setup(params, batches, embed_corpus(params, batches), minilm.tokenize(tokenizer, corpus[:32], max_length),
-                 calib, minilm.encode(params, **calib, return_kv=True)[1], make_batches(tokenizer, calib_text[:128], 32, max_length))
+    held_out = minilm.tokenize(tokenizer, corpus[:32], max_length)
+    calib_kv = minilm.encode(params, **calib, return_kv=True)[1]
+    return Setup(params, batches, embed_corpus(params, batches), held_out, calib, calib_kv,
+                 make_batches(tokenizer, calib_text[:128], 32, max_length))
 
 
 def _encode(params: Any, batch: Mapping[str, Any]) -> jax.Array:
@@ -387,8 +350,11 @@ def gptq_stages(paths: Sequence[str]) -> list[list[str]]:
 
 
 def weight_rows(s: Setup, configs: Sequence[Config], budgets: Sequence[float], targets: Sequence[str] = tuple(TARGETS),
-                layout: str | None = None) -> list[dict]:
-    """One row per (target, config, budget): bits/weight, end metrics, quantize seconds, file size."""
+                layout: str | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """One row per (target, config, budget): bits/weight, end metrics, quantize seconds, file size.
+
+    ``on_row(row)`` is called after each measured row (e.g. to show progress).
+    """
     rows = []
     for target in targets:
         for config in configs:
@@ -406,15 +372,20 @@ def weight_rows(s: Setup, configs: Sequence[Config], budgets: Sequence[float], t
                 tb = tree_bits(qtree)
                 with tempfile.TemporaryDirectory() as tmp:
                     size = save(os.path.join(tmp, "m.qet"), qtree)
-                rows.append({**row, "status": "ok", "bpw_quantized": tb.quantized_bits_per_weight, "bpw_model": tb.bits_per_weight,
-                             **evaluate(qtree, s.batches, s.reference), "quantize_s": seconds, "file_MiB": size / 2**20})
-                print(rows[-1], file=sys.stderr, flush=True)
-                jax.clear_caches()  # each leaf's configuration compiles anew; keep a long run's memory bounded
+                rows.append({**row, "status": "ok", "bpw_quantized": tb.quantized_bits_per_weight,
+                             "bpw_model": tb.bits_per_weight, **evaluate(qtree, s.batches, s.reference),
+                             "quantize_s": seconds, "file_MiB": size / 2**20})
+                if on_row is not None:
+                    on_row(rows[-1])
     return rows
 
 
-def kv_rows(s: Setup, configs: Sequence[Config], budgets: Sequence[float]) -> list[dict]:
-    """One row per (config, budget, per-head or shared fit): attention error per layer, embedding cosine."""
+def kv_rows(s: Setup, configs: Sequence[Config], budgets: Sequence[float],
+            on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """One row per (config, budget, per-head or shared fit): attention error per layer, embedding cosine.
+
+    ``on_row(row)`` is called after each measured row.
+    """
     rows = []
     mask = s.calib["attention_mask"]
     tokens, heads, head_dim = int(np.sum(mask)), s.calib_kv[0][0].shape[1], s.calib_kv[0][0].shape[3]
@@ -441,99 +412,46 @@ def kv_rows(s: Setup, configs: Sequence[Config], budgets: Sequence[float]) -> li
                              "params_KiB": kvq.params_bits(codec) / 8 / 1024, "attn_err_mean": float(errors.mean()),
                              "attn_err_per_layer": " ".join(f"{e:.3f}" for e in errors), "cos_mean": float(cos.mean()),
                              "cos_min": float(cos.min()), "fit_s": seconds})
-                print(rows[-1], file=sys.stderr, flush=True)
-                jax.clear_caches()  # each leaf's configuration compiles anew; keep a long run's memory bounded
+                if on_row is not None:
+                    on_row(rows[-1])
     return rows
-
-
-def rss_bytes() -> int:
-    """The resident set size of this process now (``VmRSS`` of ``/proc/self/status``), in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("/proc/self/status has no VmRSS line")
-
-
-class RssPeak:
-    """Context manager recording the peak RSS of its body, polled in a background thread.
-
-    ``before`` is the RSS on entry, ``peak`` the largest RSS seen (every ``interval`` seconds,
-    and on entry and exit); ``delta`` = ``peak - before`` is the body's own working set above
-    what the process already held (a peak shorter than ``interval`` can be missed).
-
-    Example:
-        >>> with RssPeak() as m:
-        ...     x = np.ones(2**25)
-        >>> m.delta > 2**27
-        True
-    """
-
-    def __init__(self, interval: float = 0.01):
-        self.interval = interval
-        self.before = self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss_bytes())
-
-    def __enter__(self) -> "RssPeak":
-        self.before = self.peak = rss_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def delta(self) -> int:
-        """Peak RSS during the body minus RSS on entry, in bytes."""
-        return self.peak - self.before
 
 
 def peak_memory(config: Config, budget: float) -> dict:
     """Peak host RSS of quantizing all linear kernels, measured in a fresh Python process.
 
-    After loading the model, RSS is polled every 10 ms (:class:`RssPeak`) while
-    :func:`quantize_model` runs, twice: the first call includes JAX compilation, the second
-    (the first result freed) reuses the compiled code. Reported beside the model's fp32 size,
-    the quantized leaves' fp32 size and the largest quantized leaf's fp32 size (MiB).
+    :func:`memory_row` runs in the new process (:func:`qetjax.bench.memory.fresh_process`), so
+    nothing this process holds or has compiled counts.
     """
-    code = "import sys; from qetjax.bench.minilm import memory_child; memory_child(sys.argv[1], float(sys.argv[2]))"
-    out = subprocess.run([sys.executable, "-c", code, config.label, str(budget)], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
-    return {"part": "memory", "config": config.label, "budget": budget, **json.loads(out.stdout.splitlines()[-1])}
+    row = memory.fresh_process(f"{__name__}:memory_row", config.label, str(budget))
+    return {"part": "memory", "config": config.label, "budget": budget, **row}
 
 
-def memory_child(label: str, budget: float) -> None:
-    """The measured process of :func:`peak_memory`; prints one JSON line of sizes in MiB."""
-    registered_methods()
+def memory_row(label: str, budget: str | float) -> dict:
+    """Sizes (MiB) and peak RSS of quantizing MiniLM's linear kernels with config ``label`` at ``budget``.
+
+    After loading the model, RSS is polled every 10 ms (:func:`qetjax.bench.memory.peak_rss`)
+    while :func:`quantize_model` runs, twice: the first call includes JAX compilation, the second
+    (the first result freed) reuses the compiled code. Reported beside the model's fp32 size,
+    the quantized leaves' fp32 size and the largest quantized leaf's fp32 size.
+    """
     params = minilm.load_params()
     config = parse_config(label)
     leaves = _selected(params, "linear")
-    mib = lambda n: n / 2**20
+    mib = lambda n: n / memory.MiB
     row = {"model_fp32_MiB": mib(sum(x.size * 4 for x in jax.tree_util.tree_leaves(params))),
            "linear_fp32_MiB": mib(sum(x.size * 4 for x in leaves.values())),
            "largest_leaf_MiB": mib(max(x.size * 4 for x in leaves.values()))}
-    for name in ("first", "cached"):
-        t0 = time.perf_counter()
-        with RssPeak() as m:
-            qtree = jax.block_until_ready(quantize_model(params, config, "linear", budget))
-        row |= {f"rss_before_{name}_MiB": mib(m.before), f"peak_delta_{name}_MiB": mib(m.delta),
-                f"quantize_{name}_s": time.perf_counter() - t0}
-        del qtree
-    print(json.dumps(row))
+    return row | memory.peak_rss(lambda: quantize_model(params, config, "linear", float(budget)), label="quantize")
 
 
 def run(configs: Sequence[str], budgets: Sequence[float], *, sentences: int = 128, max_length: int = 64,
         calib_sentences: int = 1024, parts: Sequence[str] = ("weights", "kv", "memory"),
         targets: Sequence[str] = tuple(TARGETS), layout: str | None = None, kv_configs: Sequence[str] | None = None,
-        memory_configs: Sequence[str] = ("rtn",)) -> list[dict]:
-    """All measurements as row dicts (``part`` is ``weights``, ``kv`` or ``memory``); see :func:`markdown`.
+        memory_configs: Sequence[str] = ("rtn",), reference: str | os.PathLike | None = None,
+        on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """All measurements as row dicts (``part`` is ``weights``, ``kv`` or ``memory``); see
+    :func:`qetjax.bench.report.markdown_by_part`.
 
     Args:
       configs: weight configurations (:func:`parse_config` strings).
@@ -544,32 +462,21 @@ def run(configs: Sequence[str], budgets: Sequence[float], *, sentences: int = 12
       layout: the linear kernels' layout (default :data:`LAYOUT`; the embedding table is always ``in_out``).
       kv_configs: KV-cache configurations (default: ``configs`` without GPTQ).
       memory_configs: configurations whose peak memory is measured at the largest budget.
+      reference: a ``.npz`` file whose ``sentences`` open the corpus (see :func:`setup`).
+      on_row: called with each weights and KV row as it is measured. Each configuration compiles
+        anew; a long run can call ``jax.clear_caches()`` here to keep its memory bounded.
     """
-    registered_methods()
     weights = [parse_config(c) for c in configs]
-    s = setup(sentences, max_length, calib_sentences)
+    s = setup(sentences, max_length, calib_sentences, reference)
     rows = []
     if "weights" in parts:
-        rows += weight_rows(s, weights, budgets, targets, layout)
+        rows += weight_rows(s, weights, budgets, targets, layout, on_row)
     if "kv" in parts:
-        kv = [parse_config(c) for c in kv_configs] if kv_configs is not None else list(dict.fromkeys(c._replace(gptq=False, mixed=False) for c in weights))
-        rows += kv_rows(s, kv, budgets)
+        if kv_configs is not None:
+            kv = [parse_config(c) for c in kv_configs]
+        else:
+            kv = list(dict.fromkeys(c._replace(gptq=False, mixed=False) for c in weights))
+        rows += kv_rows(s, kv, budgets, on_row)
     if "memory" in parts:
         rows += [peak_memory(parse_config(c), max(budgets)) for c in memory_configs]
     return rows
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def markdown(rows: Sequence[dict]) -> str:
-    """Markdown tables, one per ``part`` and ``target``."""
-    out, groups = [], {}
-    for r in rows:
-        groups.setdefault((r["part"], r.get("target", "")), []).append(r)
-    for (part, target), rs in groups.items():
-        cols = list(dict.fromkeys(k for r in rs for k in r if k not in ("part", "target")))
-        out += [f"\n### {part} {target}".rstrip(), "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        out += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rs]
-    return "\n".join(out)

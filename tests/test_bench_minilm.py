@@ -1,6 +1,5 @@
-"""Tests of the evaluation loop and metrics."""
+"""Tests of the MiniLM end-to-end benchmark (qetjax.bench.minilm): corpus, metrics, GPTQ stages, mixed budgets, CLI."""
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import qetjax  # noqa: E402
+from qetjax import calibration  # noqa: E402
 from qetjax.bench import minilm as ev  # noqa: E402
+from qetjax.bench.config import Config, parse_config  # noqa: E402
 from qetjax.bench.corpus import stdlib_sentences  # noqa: E402
 from qetjax.models import minilm  # noqa: E402
 
@@ -39,8 +40,9 @@ def test_fp32_matches_fixture(model):
 
 def test_jit_on_dequantized_tree_equals_eager(model):
     params, batches, reference = model
-    qtree = qetjax.quantize_tree(jax.random.key(0), params, [(r"layer_0/attention/(query|value)/kernel$", qetjax.rtn(4))], progress=False)
-    batch = {"input_ids": batches.input_ids[0], "attention_mask": batches.attention_mask[0], "token_type_ids": batches.token_type_ids[0]}
+    policy = [(r"layer_0/attention/(query|value)/kernel$", qetjax.rtn(4))]
+    qtree = qetjax.quantize_tree(jax.random.key(0), params, policy, progress=False)
+    batch = {k: getattr(batches, k)[0] for k in ev.BATCH_KEYS}
     eager = minilm.embed(qetjax.dequantize_tree(qtree), **batch)
     jitted = jax.jit(lambda t, b: minilm.embed(qetjax.dequantize_tree(t), **b))(qtree, batch)
     np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
@@ -74,27 +76,17 @@ def test_corpus_holds_the_full_setup_and_its_calibration():
 # --------------------------------------------------------------------------- end-to-end run
 
 
-def test_parse_config():
-    assert ev.parse_config("rtn") == ev.Config("rtn")
-    c = ev.parse_config('rtn:group_size=128:granularity="group"+gptq')
-    assert c == ev.Config("rtn", (("group_size", 128), ("granularity", "group")), True)
-    assert ev.parse_config(c.label) == c
-    assert ev.parse_config("pvq:gain_scale=row").options == (("gain_scale", "row"),)
-    for bad in ("nope", "rtn+awq", "rtn:128", "rtn:=3"):
-        with pytest.raises(ValueError, match="config"):
-            ev.parse_config(bad)
-
-
 def test_dense_inputs_and_gptq_on_two_kernels(model, monkeypatch):
     params, batches, _ = model
     batch = {k: getattr(batches, k)[0] for k in ev.BATCH_KEYS}
     inputs = ev.dense_inputs(params, batch)
     tokens = int(np.sum(batch["attention_mask"]))
     assert len(inputs) == 36 and inputs["encoder/layer_3/mlp/output/kernel"].shape == (tokens, 1536)
-    np.testing.assert_array_equal(inputs["encoder/layer_0/attention/query/kernel"], inputs["encoder/layer_0/attention/value/kernel"])
+    attn = "encoder/layer_0/attention/"
+    np.testing.assert_array_equal(inputs[attn + "query/kernel"], inputs[attn + "value/kernel"])
     monkeypatch.setitem(ev.TARGETS, "two", r"layer_0/attention/(query|value)/kernel$")
     monkeypatch.setitem(ev.LAYOUT, "two", "out_in")
-    config = ev.Config("rtn", (("group_size", 128),))
+    config = Config("rtn", (("group_size", 128),))
     plain = ev.quantize_model(params, config, "two", 3.25)
     comp = ev.quantize_model(params, config._replace(gptq=True), "two", 3.25, calib=batch)
     for name in ("query", "value"):
@@ -107,7 +99,7 @@ def test_dense_inputs_and_gptq_on_two_kernels(model, monkeypatch):
     with pytest.raises(ValueError, match="calib"):
         ev.quantize_model(params, config._replace(gptq=True), "two", 3.25)
     with pytest.raises(ValueError, match="group"):
-        ev.quantize_model(params, ev.Config("lloyd_max", (), True), "two", 3.25, calib=batch)
+        ev.quantize_model(params, Config("lloyd_max", (), True), "two", 3.25, calib=batch)
 
 
 def test_gptq_stages_follow_the_encoder():
@@ -115,7 +107,8 @@ def test_gptq_stages_follow_the_encoder():
              ("mlp/output", "attention/value", "mlp/intermediate", "attention/output", "attention/query", "attention/key")]
     stages = ev.gptq_stages(paths)
     assert stages[0] == [f"encoder/layer_0/attention/{m}/kernel" for m in ("key", "query", "value")]
-    assert [s[0].split("/", 2)[2] for s in stages[1:4]] == ["attention/output/kernel", "mlp/intermediate/kernel", "mlp/output/kernel"]
+    firsts = [s[0].split("/", 2)[2] for s in stages[1:4]]
+    assert firsts == ["attention/output/kernel", "mlp/intermediate/kernel", "mlp/output/kernel"]
     assert len(stages) == 8 and sorted(sum(stages, [])) == sorted(paths) and stages[4][0].startswith("encoder/layer_1/")
     with pytest.raises(ValueError, match="MiniLM"):
         ev.gptq_stages(["embeddings/word_embeddings/embedding"])
@@ -126,7 +119,7 @@ def test_sequential_gptq_takes_inputs_from_the_quantized_model(model, monkeypatc
     batch = {k: getattr(batches, k)[0] for k in ev.BATCH_KEYS}
     monkeypatch.setitem(ev.TARGETS, "two", r"layer_0/attention/(value|output)/kernel$")
     monkeypatch.setitem(ev.LAYOUT, "two", "out_in")
-    config = ev.Config("rtn", (("group_size", 128),), True)
+    config = Config("rtn", (("group_size", 128),), True)
     seq = ev.quantize_model(params, config, "two", 3.25, calib=batch)
     flat = ev.quantize_model(params, config, "two", 3.25, calib=batch, sequential=False)
     att = lambda t, name: t["encoder"]["layer_0"]["attention"][name]["kernel"]
@@ -142,21 +135,12 @@ def test_sequential_gptq_takes_inputs_from_the_quantized_model(model, monkeypatc
     assert not np.array_equal(codes(att(seq, "output")), codes(att(flat, "output")))
 
 
-def test_parse_config_mixed():
-    c = ev.parse_config("pvq:group_size=64+gptq+mixed")
-    assert c == ev.Config("pvq", (("group_size", 64),), True, True) and ev.parse_config(c.label) == c
-    assert ev.parse_config("rtn+mixed") == ev.Config("rtn", (), False, True)
-    for bad in ("rtn+mixed+mixed", "rtn+gptq+awq"):
-        with pytest.raises(ValueError, match="suffixes"):
-            ev.parse_config(bad)
-
-
 def test_mixed_budgets_fit_the_mean_and_favour_the_sensitive_kernel(monkeypatch):
     monkeypatch.setitem(ev.TARGETS, "two", r"layer_0/(attention/query|mlp/output)/kernel$")
     monkeypatch.setitem(ev.LAYOUT, "two", "out_in")
     s = ev.setup(sentences=8, max_length=32, calib_sentences=40)
     assert s.calib_batches.count == 40
-    config = ev.parse_config("rtn:group_size=128+mixed")
+    config = parse_config("rtn:group_size=128+mixed")
     budgets = ev.mixed_budgets(s, config, "two", 3.25)
     query, mlp = "encoder/layer_0/attention/query/kernel", "encoder/layer_0/mlp/output/kernel"
     assert set(budgets) == {query, mlp} and budgets[mlp] > budgets[query] >= 3.25 - 1.5
@@ -183,11 +167,22 @@ def test_cli_minilm_quick(capsys):
         cli.main(["--model", "minilm", "--methods", "rtn+awq"])
 
 
-def test_rss_peak_sees_a_transient_allocation():
-    assert ev.rss_bytes() > 0
-    with ev.RssPeak() as m:
-        x = np.ones(2**25)  # 256 MiB, touched
-        time.sleep(0.05)
-        del x
-    assert m.delta > 200 * 2**20 and m.peak >= m.before
-    assert ev.rss_bytes() < m.peak
+def test_reference_sentences_from_the_argument_or_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "ref.npz"
+    np.savez(path, sentences=np.array(["One sentence.", "Another one."]))
+    monkeypatch.delenv(ev.REFERENCE_ENV, raising=False)
+    assert ev.reference_sentences() == []
+    assert ev.reference_sentences(path) == ["One sentence.", "Another one."]
+    monkeypatch.setenv(ev.REFERENCE_ENV, str(path))
+    assert ev.reference_sentences() == ["One sentence.", "Another one."]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ev.reference_sentences(tmp_path / "missing.npz")
+
+
+def test_gptq_stages_are_the_traced_call_order():
+    """MiniLM's named stage list equals the order the encoder calls its Dense layers in (traced)."""
+    params = minilm.load_params()
+    batch = {k: jnp.zeros((1, 4), jnp.int32) for k in ev.BATCH_KEYS}
+    traced = calibration.dense_stages(ev._encode, params, batch)
+    named = ev.gptq_stages([p for stage in traced for p in stage])
+    assert [sorted(s) for s in traced] == named and len(named) == 24
