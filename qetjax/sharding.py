@@ -64,8 +64,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import itertools
+import re
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -265,62 +269,212 @@ def plan(q: Quantizer, shape: tuple[int, int], mesh: Mesh, axis: str | None = No
     return Plan(fit, "rows", devices)
 
 
+# --------------------------------------------------------------------------- communication
+
+
+@dataclasses.dataclass
+class Communication:
+    """Collectives run by this module's compiled programs while :func:`record_communication` is open.
+
+    Counted from the optimized HLO of every program run (after XLA's SPMD partitioning),
+    each collective times the trip counts of the loops around it.
+
+    Attributes:
+      payload: bytes of the collectives' results, by kind (``all-reduce``, ``all-gather``, ...).
+      per_device: bytes each device sends (= receives) under ring algorithms:
+        ``2 (n-1)/n`` of an all-reduce, ``(n-1)/n`` of an all-gather or all-to-all result,
+        ``n-1`` times a reduce-scatter result, all of a collective-permute.
+      steps: collectives executed (each one a latency-bound step).
+      programs: programs counted.
+    """
+
+    payload: dict[str, int] = dataclasses.field(default_factory=dict)
+    per_device: float = 0.0
+    steps: int = 0
+    programs: int = 0
+
+
+_RECORDERS: list[Communication] = []
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) ")
+_COLLECTIVE = re.compile(r"= (.*?) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(")
+_CALLEE = re.compile(r"(body|calls|to_apply|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+_GROUP = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+
+
+def _shape_bytes(text: str) -> int:
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        size = 1 if dtype == "pred" else int(re.sub(r"\D", "", dtype)) // 8
+        total += size * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+    return total
+
+
+def count_collectives(hlo: str, devices: int) -> Communication:
+    """The collectives of one optimized HLO module (``compiled.as_text()``), loops unrolled by count.
+
+    Example:
+        >>> count_collectives(jax.jit(f).lower(x).compile().as_text(), 8).per_device
+    """
+    body: dict[str, list[str]] = {}
+    name = None
+    for line in hlo.splitlines():
+        m = _COMPUTATION.match(line)
+        if m and line.rstrip().endswith("{"):
+            name = m.group(1)
+            body[name] = []
+            if line.startswith("ENTRY"):
+                entry = name
+        elif name is not None:
+            body[name].append(line)
+    times: dict[str, int] = {entry: 1}
+    order = [entry]
+    for comp in order:  # callers before callees (HLO is a DAG of computations)
+        for line in body.get(comp, ()):
+            trip = _TRIP.search(line)
+            callees = [(kind, c) for kind, c in _CALLEE.findall(line)]
+            callees += [("branch", c.strip().lstrip("%")) for b in _BRANCHES.findall(line) for c in b.split(",")]
+            for kind, callee in callees:
+                n = int(trip.group(1)) if kind == "body" and trip else 1
+                if callee not in times:
+                    order.append(callee)
+                times[callee] = times.get(callee, 0) + times[comp] * n
+    log = Communication(programs=1)
+    for comp, count in times.items():
+        for line in body.get(comp, ()):
+            m = _COLLECTIVE.search(line)
+            if not m:
+                continue
+            size = _shape_bytes(m.group(1)) * count
+            group = _GROUP.search(line)
+            n = len(group.group(1).split(",")) if group and group.group(1) else devices
+            kind = m.group(2)
+            log.payload[kind] = log.payload.get(kind, 0) + size
+            log.steps += count
+            log.per_device += size * {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n,
+                                      "all-to-all": (n - 1) / n, "reduce-scatter": n - 1}.get(kind, 1.0)
+    return log
+
+
+@contextlib.contextmanager
+def record_communication() -> Iterator[Communication]:
+    """Counts the collectives of every program this module runs inside the ``with`` block.
+
+    Each program is lowered and compiled once more to read its HLO, so use it to measure,
+    not in production.
+
+    Example:
+        >>> with record_communication() as comm:
+        ...     quantize_sharded(q, key, x, mesh)
+        >>> comm.per_device, comm.steps
+    """
+    log = Communication()
+    _RECORDERS.append(log)
+    try:
+        yield log
+    finally:
+        _RECORDERS.remove(log)
+
+
+def _run(fn: Any, mesh: Mesh, *args: Any) -> Any:
+    """Calls the jitted ``fn``; counts its collectives for open :func:`record_communication` blocks."""
+    out = fn(*args)
+    if _RECORDERS:
+        part = count_collectives(fn.lower(*args).compile().as_text(), mesh.size)
+        for log in _RECORDERS:
+            for kind, size in part.payload.items():
+                log.payload[kind] = log.payload.get(kind, 0) + size
+            log.per_device += part.per_device
+            log.steps += part.steps
+            log.programs += 1
+    return out
+
+
 # --------------------------------------------------------------------------- fit
+
+
+def _shardings(mesh: Mesh, treedef: Any, specs: tuple) -> Any:
+    return jax.tree_util.tree_unflatten(treedef, [NamedSharding(mesh, s) for s in specs])
+
+
+@functools.lru_cache(maxsize=256)
+def _fit_rows_fn(q: Quantizer, mesh: Mesh, impl: Any, treedef: Any, specs: tuple) -> Any:
+    return jax.jit(lambda kd, x: q.fit(jax.random.wrap_key_data(kd, impl=impl), x),
+                   out_shardings=_shardings(mesh, treedef, specs))
 
 
 def _fit_rows(q: Quantizer, key: PRNGKey, x: jax.Array, mesh: Mesh, axis: str, specs: list[P]) -> Any:
     """``q.fit`` under ``jit`` on the row-split ``x``; per-row params come out split."""
     treedef = jax.tree_util.tree_structure(jax.eval_shape(q.fit, key, jax.ShapeDtypeStruct(x.shape, jnp.float32)))
-    out = jax.tree_util.tree_unflatten(treedef, [NamedSharding(mesh, s) for s in specs])
     data, impl = _key_data(key)
-    fit = jax.jit(lambda kd, x: q.fit(jax.random.wrap_key_data(kd, impl=impl), x), out_shardings=out)
-    return fit(_put(data, mesh, P()), x)
+    return _run(_fit_rows_fn(q, mesh, impl, treedef, tuple(specs)), mesh, _put(data, mesh, P()), x)
+
+
+@functools.lru_cache(maxsize=256)
+def _fit_subspaces_fn(q: Quantizer, mesh: Mesh, axis: str, impl: Any, specs: tuple) -> Any:
+    def body(kd: jax.Array, xb: jax.Array) -> list:
+        return jax.tree_util.tree_leaves(q.fit(jax.random.wrap_key_data(kd, impl=impl), xb))
+
+    cols = NamedSharding(mesh, P(None, axis))
+    fit = jax.shard_map(body, mesh=mesh, in_specs=(P(axis), P(None, axis)), out_specs=list(specs), check_vma=False)
+    return jax.jit(lambda kd, x: fit(kd, jax.lax.with_sharding_constraint(x, cols)))
 
 
 def _fit_subspaces(q: Quantizer, key: PRNGKey, x: jax.Array, mesh: Mesh, axis: str, devices: int) -> Any:
     """PQ's per-subspace codebooks, ``S / devices`` per device, with the keys of one fit of all."""
     specs = _subspace_specs(q, tuple(x.shape), devices, axis)
-    s = x.shape[1] // _args(q)["subvector_dim"]
-    keys = kmeans.subspace_keys(key, s)
+    keys = kmeans.subspace_keys(key, x.shape[1] // _args(q)["subvector_dim"])
     data, impl = _key_data(keys)
     treedef = jax.tree_util.tree_structure(jax.eval_shape(q.fit, key, jax.ShapeDtypeStruct(x.shape, jnp.float32)))
-
-    def body(kd: jax.Array, xb: jax.Array) -> list:
-        return jax.tree_util.tree_leaves(q.fit(jax.random.wrap_key_data(kd, impl=impl), xb))
-
-    fit = jax.shard_map(body, mesh=mesh, in_specs=(P(axis), P(None, axis)), out_specs=specs, check_vma=False)
-    return jax.tree_util.tree_unflatten(treedef, jax.jit(fit)(_put(data, mesh, P(axis)), x))
+    leaves = _run(_fit_subspaces_fn(q, mesh, axis, impl, tuple(specs)), mesh, _put(data, mesh, P(axis)), x)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _fit_points(q: Quantizer, key: PRNGKey, x: jax.Array, mesh: Mesh, axis: str, devices: int) -> Any:
-    """Shared-codebook PQ: k-means with the training points split, sums reduced by ``psum``."""
+@functools.lru_cache(maxsize=256)
+def _fit_points_fns(q: Quantizer, mesh: Mesh, axis: str, impl: Any) -> tuple[Any, Any]:
     a = _args(q)
     d, k = a["subvector_dim"], a["num_centroids"]
-    points = split(x, d).reshape(1, -1, d)
-    if k > points.shape[1]:
-        raise ValueError(f"num_centroids={k} exceeds the {points.shape[1]} training subvectors")
-    data, impl = _key_data(key)
-    seed = jax.jit(lambda kd, p: kmeans.seed(jax.random.wrap_key_data(kd, impl=impl), p, k, a["init"],
-                                             a["max_points_per_centroid"]), out_shardings=NamedSharding(mesh, P()))
-    train, c0 = seed(_put(data, mesh, P()), points)
-    m = train.shape[1]
-    pad = -m % devices
-    weights = _put(np.concatenate([np.ones(m, np.float32), np.zeros(pad, np.float32)]), mesh, P(axis))
-    train = jax.jit(lambda t: jnp.pad(t, ((0, 0), (0, pad), (0, 0))), out_shardings=NamedSharding(mesh, P(None, axis)))(train)
+    devices = int(mesh.shape[axis])
+
+    def seed(kd: jax.Array, x: jax.Array) -> tuple:
+        points = split(x, d).reshape(1, -1, d)
+        train, c0 = kmeans.seed(jax.random.wrap_key_data(kd, impl=impl), points, k, a["init"], a["max_points_per_centroid"])
+        m = train.shape[1]
+        pad = -m % devices
+        weights = jnp.concatenate([jnp.ones(m, jnp.float32), jnp.zeros(pad, jnp.float32)])
+        return jnp.pad(train, ((0, 0), (0, pad), (0, 0))), c0, weights
 
     def body(t: jax.Array, c: jax.Array, wt: jax.Array) -> jax.Array:
         return kmeans.lloyd(t, c, a["iters"], weights=wt, axis_name=axis).centroids
 
+    split_points = (NamedSharding(mesh, P(None, axis)), NamedSharding(mesh, P()), NamedSharding(mesh, P(axis)))
     lloyd = jax.shard_map(body, mesh=mesh, in_specs=(P(None, axis), P(), P(axis)), out_specs=P(), check_vma=False)
-    c = jax.jit(lloyd)(train, c0, weights)
-    return jax.jit(lambda c: store_codebook(c, a["codebook_dtype"], a["codebook_bits"]))(c)
+    store = lambda t, c, wt: store_codebook(lloyd(t, c, wt), a["codebook_dtype"], a["codebook_bits"])
+    return jax.jit(seed, out_shardings=split_points), jax.jit(store)
+
+
+def _fit_points(q: Quantizer, key: PRNGKey, x: jax.Array, mesh: Mesh, axis: str, devices: int) -> Any:
+    """Shared-codebook PQ: k-means with the training points split, sums reduced by ``psum``.
+
+    The subsample and the k-means++ seeding are computed once on all devices alike; the
+    Lloyd steps run on ``1 / devices`` of the points each (padding points weigh 0).
+    """
+    a = _args(q)
+    k, d = a["num_centroids"], a["subvector_dim"]
+    if k > x.shape[0] * (x.shape[1] // d):
+        raise ValueError(f"num_centroids={k} exceeds the {x.shape[0] * (x.shape[1] // d)} training subvectors")
+    data, impl = _key_data(key)
+    seed, store = _fit_points_fns(q, mesh, axis, impl)
+    train, c0, weights = _run(seed, mesh, _put(data, mesh, P()), x)
+    return _run(store, mesh, train, c0, weights)
 
 
 def _fit(q: Quantizer, p: Plan, key: PRNGKey, xs: jax.Array, mesh: Mesh, axis: str) -> Any:
     """``q``'s params fitted on the row-split ``xs`` as :func:`plan` says."""
     if p.fit == "subspaces":
-        cols = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P(None, axis)))(xs)
-        return _fit_subspaces(q, key, cols, mesh, axis, p.devices)
+        return _fit_subspaces(q, key, xs, mesh, axis, p.devices)
     if p.fit == "points":
         return _fit_points(q, key, xs, mesh, axis, p.devices)
     return _fit_rows(q, key, xs, mesh, axis, _row_specs(q, tuple(xs.shape), p.devices, axis)[0])
@@ -329,21 +483,21 @@ def _fit(q: Quantizer, p: Plan, key: PRNGKey, xs: jax.Array, mesh: Mesh, axis: s
 # --------------------------------------------------------------------------- encode
 
 
-def _spec_tree(tree_like: Any, specs: list[P]) -> Any:
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree_like), specs)
+@functools.lru_cache(maxsize=256)
+def _encode_fn(q: Quantizer, mesh: Mesh, axis: str, ptree: Any, pspecs: tuple, cspecs: tuple) -> Any:
+    def body(p: Any, xb: jax.Array) -> list:
+        return jax.tree_util.tree_leaves(q.encode(p, xb))
+
+    in_specs = (jax.tree_util.tree_unflatten(ptree, list(pspecs)), P(axis))
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=list(cspecs), check_vma=False))
 
 
 def _encode_rows(q: Quantizer, params: Any, x: jax.Array, mesh: Mesh, axis: str, devices: int) -> Any:
     """``q.encode`` with ``n / devices`` rows per device; the codes' leaves concatenated."""
     pspecs, cspecs = _row_specs(q, tuple(x.shape), devices, axis)
     treedef = jax.tree_util.tree_structure(jax.eval_shape(q.encode, params, jax.ShapeDtypeStruct(x.shape, jnp.float32)))
-
-    def body(p: Any, xb: jax.Array) -> list:
-        return jax.tree_util.tree_leaves(q.encode(p, xb))
-
-    encode = jax.shard_map(body, mesh=mesh, in_specs=(_spec_tree(params, pspecs), P(axis)), out_specs=cspecs,
-                           check_vma=False)
-    return jax.tree_util.tree_unflatten(treedef, jax.jit(encode)(params, x))
+    fn = _encode_fn(q, mesh, axis, jax.tree_util.tree_structure(params), tuple(pspecs), tuple(cspecs))
+    return jax.tree_util.tree_unflatten(treedef, _run(fn, mesh, params, x))
 
 
 def _check_key(key: Any) -> None:
@@ -434,8 +588,24 @@ def hessian(x: Any, mesh: Mesh, *, axis: str | None = None) -> jax.Array:
     axis, devices = _axis(mesh, axis)
     n = x.shape[0]
     xs = _put(jnp.pad(x, ((0, -n % devices), (0, 0))), mesh, P(axis))
+    return _run(_hessian_fn(mesh, axis, n), mesh, xs)
+
+
+@functools.lru_cache(maxsize=64)
+def _hessian_fn(mesh: Mesh, axis: str, n: int) -> Any:
     body = lambda xb: lax.psum(xb.T @ xb, axis) / n
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(axis), out_specs=P()))(xs)
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(axis), out_specs=P()))
+
+
+@functools.lru_cache(maxsize=64)
+def _gptq_fns(q: Quantizer, mesh: Mesh, axis: str, damp: float, group_size: int, ptree: Any, pspecs: tuple) -> tuple:
+    replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(axis))
+    factor = jax.jit(lambda h: gptq.inverse_cholesky(h, damp), out_shardings=replicated)
+    mask = jax.jit(lambda w, live: jnp.where(live[None, :], w, 0.0), out_shardings=rows)
+    in_specs = (jax.tree_util.tree_unflatten(ptree, list(pspecs)), P(axis), P())
+    compensate = jax.shard_map(lambda p, wb, u: gptq._compensate(q, p, wb, u, group_size), mesh=mesh,
+                               in_specs=in_specs, out_specs=P(axis), check_vma=False)
+    return factor, mask, jax.jit(compensate)
 
 
 def gptq_quantize(
@@ -490,13 +660,12 @@ def gptq_quantize(
         raise ValueError(f"h must be [{w.shape[1]}, {w.shape[1]}], got shape {tuple(h.shape)}")
     p = plan(q, w.shape, mesh, axis)
     pspecs, _ = _row_specs(q, tuple(w.shape), devices, axis)
-    u, live = jax.jit(gptq.inverse_cholesky, static_argnums=1, out_shardings=NamedSharding(mesh, P()))(h, float(damp))
-    w = jax.jit(lambda w, live: jnp.where(live[None, :], w, 0.0), out_shardings=NamedSharding(mesh, P(axis)))(
-        _put(w, mesh, P(axis)), live)
+    treedef = jax.tree_util.tree_structure(jax.eval_shape(q.fit, key, jax.ShapeDtypeStruct(w.shape, jnp.float32)))
+    factor, mask, compensate = _gptq_fns(q, mesh, axis, float(damp), group_size, treedef, tuple(pspecs))
+    u, live = _run(factor, mesh, h)
+    w = _run(mask, mesh, _put(w, mesh, P(axis)), live)
     params = _fit(q, p, key, w, mesh, axis)
-    compensate = jax.shard_map(lambda p, wb, u: gptq._compensate(q, p, wb, u, group_size), mesh=mesh,
-                               in_specs=(_spec_tree(params, pspecs), P(axis), P()), out_specs=P(axis), check_vma=False)
-    frozen = jax.jit(compensate)(params, w, u)
+    frozen = _run(compensate, mesh, params, w, u)
     codes = _encode_rows(q, params, frozen, mesh, axis, devices)
     return QuantizedArray(params, codes, q.spec, tuple(w.shape), "float32")
 
