@@ -285,3 +285,41 @@ def test_unrolled_layers_equal_scan(small, reference):
     h_loop, kv_loop = llama.forward(small, ids, unroll=True)
     np.testing.assert_allclose(np.asarray(h_loop), np.asarray(h_scan), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(kv_loop[0]), np.asarray(kv_scan[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_layers_decode_inside_the_scan(small, reference):
+    """The file's weights lie on a Q4_1 grid (blocks of 32 along the input): asymmetric 4-bit RTN in
+    groups of 32 with float32 side information reproduces them to float32 rounding."""
+    import qetjax
+
+    flat = llama.unstack_layers(small)
+    assert flat["layer_1"]["down_proj"]["kernel"].shape == (1536, 576)
+    q = qetjax.rtn(4, group_size=32, scale_dtype="float32")
+    qtree = qetjax.quantize_tree(jax.random.key(0), flat, [(r"layer_\d+/.*/kernel$", q)], layout="out_in", progress=False)
+    w = np.asarray(flat["layer_1"]["down_proj"]["kernel"])
+    np.testing.assert_allclose(np.asarray(qetjax.dequantize_tree(qtree)["layer_1"]["down_proj"]["kernel"]), w,
+                               atol=1e-6 * np.abs(w).max(), rtol=0)
+    stacked = llama.stack_layers(qtree)  # quantized arrays with a leading layer axis, decoded per layer in the scan
+    assert isinstance(stacked["layers"]["q_proj"]["kernel"], qetjax.QuantizedArray)
+    ids = reference["input_ids"][:1, :8]
+    np.testing.assert_allclose(np.asarray(jax.jit(llama.logits)(stacked, ids)), np.asarray(jax.jit(llama.logits)(small, ids)),
+                               atol=2e-4, rtol=0)
+    mixed = dict(qtree, layer_1=flat["layer_1"])  # layers of different structure cannot be stacked
+    with pytest.raises(ValueError, match="differ in structure"):
+        llama.stack_layers(mixed)
+
+
+def test_calibration_capture_on_the_unrolled_layers(small, reference):
+    from qetjax import calibration
+
+    flat = llama.unstack_layers(small)
+    ids, mask = reference["input_ids"][3:5, :16], reference["attention_mask"][3:5, :16]
+    batch = {"input_ids": ids, "attention_mask": mask}
+    apply = llama.CalibrationApply(llama.config_of(small))
+    hidden, _ = llama.forward(small, ids, mask)
+    np.testing.assert_allclose(np.asarray(apply(flat, batch)), np.asarray(hidden), atol=1e-4, rtol=1e-4)
+    inputs = calibration.dense_inputs(apply, flat, batch, mask=mask)
+    assert inputs["layer_1/down_proj/kernel"].shape == (int(mask.sum()), 1536)
+    stages = calibration.dense_stages(apply, flat, batch)
+    assert stages[0] == ["layer_0/q_proj/kernel", "layer_0/k_proj/kernel", "layer_0/v_proj/kernel"]
+    assert len(stages) == 8

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qetjax.core import pytree_dataclass, static_field
+from qetjax.core import QuantizedArray, dequantize, pytree_dataclass, static_field
 
 Params = dict[str, Any]
 
@@ -188,9 +188,10 @@ class DecoderLayer(nn.Module):
 
 def config_of(params: Params) -> LlamaConfig:
     """Recovers the architecture from a parameter tree's shapes (``rope_theta``/eps from ``params["config"]``)."""
-    if not isinstance(params, Mapping) or "layers" not in params or "config" not in params:
+    if not isinstance(params, Mapping) or not isinstance(params.get("config"), ConfigLeaf):
         raise TypeError("params must be a parameter tree from load_gguf/load_hf/load_pretrained "
-                        f"(a dict with 'embed', 'layers', 'norm', 'config'), got {type(params).__name__}")
+                        f"(a dict with 'embed', 'layers', 'norm', 'config'), got {type(params).__name__}"
+                        + ("" if not isinstance(params, Mapping) else f" with keys {sorted(params)[:6]}"))
     return params["config"].config
 
 
@@ -219,6 +220,97 @@ def first_layers(params: Params, num_layers: int) -> Params:
     out["layers"] = jax.tree.map(lambda a: a[:num_layers], params["layers"])
     out["config"] = ConfigLeaf(dataclasses.replace(config, num_layers=num_layers))
     return out
+
+
+def decode_layer(layer: Params) -> Params:
+    """A layer's parameters with any :class:`~qetjax.core.QuantizedArray` leaf decoded to float32.
+
+    The layer loop calls it on each layer's slice inside ``lax.scan``, so a stacked quantized
+    tree (:func:`stack_layers` of quantized layers) is decoded one layer at a time.
+    """
+    def leaf(x: Any) -> Any:
+        return dequantize(x).astype(jnp.float32) if isinstance(x, QuantizedArray) else x
+
+    return jax.tree.map(leaf, layer, is_leaf=lambda x: isinstance(x, QuantizedArray))
+
+
+def unstack_layers(params: Params) -> Params:
+    """The tree with ``params["layers"]`` split into ``layer_0 ... layer_{n-1}`` (2-D kernels).
+
+    This is the view to quantize (``qetjax.quantize_tree``, GPTQ through
+    :func:`calibration_apply`): paths such as ``layer_3/q_proj/kernel``. :func:`stack_layers`
+    is the inverse.
+
+    Example:
+        >>> flat = unstack_layers(params)
+        >>> flat["layer_0"]["q_proj"]["kernel"].shape
+        (576, 576)
+    """
+    config = config_of(params)
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(config.num_layers):
+        out[f"layer_{i}"] = layer_params(params, i)
+    return out
+
+
+def stack_layers(tree: Params) -> Params:
+    """Inverse of :func:`unstack_layers`; quantized leaves of one path stack into one quantized array.
+
+    Every layer's leaf at a path must have the same structure (for quantized leaves: the same
+    quantizer configuration), so that the layer loop can decode each layer inside ``lax.scan``.
+
+    Raises:
+      ValueError: if the layers' structures differ (e.g. per-leaf mixed budgets): decode the
+        tree first (``qetjax.dequantize_tree``) and stack the float arrays.
+    """
+    config = config_of(tree)
+    layers = [tree[f"layer_{i}"] for i in range(config.num_layers)]
+    structures = {jax.tree.structure(layer) for layer in layers}
+    if len(structures) != 1:
+        raise ValueError("the layers' parameter trees differ in structure (different quantizers per layer?); "
+                         "dequantize the tree before stacking")
+    out = {k: v for k, v in tree.items() if not k.startswith("layer_")}
+    out["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    return out
+
+
+class _Unrolled(nn.Module):
+    """The decoder layers called one after another (``layer_0 ...``): the model calibration captures."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array, visible: jax.Array) -> jax.Array:
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pre: jax.Array) -> tuple[jax.Array, None]:
+            return grouped_attention(q, k, v, visible), None
+
+        for i in range(self.config.num_layers):
+            x, _ = DecoderLayer(self.config, name=f"layer_{i}")(x, positions, attend)
+        return x
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationApply:
+    """``apply(tree, batch)`` of the unrolled decoder on an :func:`unstack_layers` tree, for
+    :func:`qetjax.calibration.dense_inputs` / ``gptq_tree`` (hashable: one compilation per config).
+
+    ``batch`` is ``{"input_ids": [b, s], "attention_mask": [b, s]}``; it returns the last hidden states.
+
+    Example:
+        >>> apply = CalibrationApply(config_of(params))
+        >>> calibration.dense_inputs(apply, unstack_layers(params), batch, mask=batch["attention_mask"])
+    """
+
+    config: LlamaConfig
+
+    def __call__(self, tree: Params, batch: Mapping[str, Any]) -> jax.Array:
+        ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+        x = jnp.take(tree["embed"]["embedding"], ids, axis=0)
+        s = ids.shape[1]
+        positions = jnp.broadcast_to(jnp.arange(s), ids.shape)
+        visible = jnp.tril(jnp.ones((s, s), bool))[None] & (mask != 0)[:, None, :]
+        layers = {k: v for k, v in tree.items() if k.startswith("layer_")}
+        return _Unrolled(self.config).apply({"params": layers}, x, positions, visible)
 
 
 def layer_step(config: LlamaConfig, layer: Params, x: jax.Array, positions: jax.Array,
@@ -323,7 +415,7 @@ def _run_layers(params: Params, x: jax.Array, positions: jax.Array, attend: Call
 
     def body(h: jax.Array, xs: tuple[Params, Any]) -> tuple[jax.Array, Any]:
         layer, extra = xs
-        return layer_step(config, layer, h, positions, functools.partial(attend, extra))
+        return layer_step(config, decode_layer(layer), h, positions, functools.partial(attend, extra))
 
     if not unroll:
         return jax.lax.scan(body, x, (params["layers"], layer_xs))
