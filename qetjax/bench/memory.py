@@ -33,8 +33,6 @@ from typing import Any
 
 import jax
 
-import qetjax
-
 MiB = 2**20
 
 
@@ -124,7 +122,7 @@ def fresh_process(target: str, *args: str, timeout: float | None = None) -> dict
     module, colon, function = target.partition(":")
     if not colon or not module or not function.isidentifier():
         raise ValueError(f"target must be 'module:function', got {target!r}")
-    root = str(Path(qetjax.__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding this qetjax package
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
