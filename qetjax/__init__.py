@@ -40,7 +40,7 @@ from qetjax.methods.opq import opq
 from qetjax.methods.pq import pq
 from qetjax.methods.qet import qet, qet_paper, qet_residual
 from qetjax.methods.rq import rq
-from qetjax.methods.scalar import lloyd_max, rtn
+from qetjax.methods.scalar import lloyd_max, nf, rotated_rtn, rtn
 from qetjax.methods.trellis import trellis
 
 # Parameter trees and files.
@@ -65,6 +65,7 @@ __all__ = [
     "quantize", "quantize_batch", "residual", "stored_bits",
     # methods
     "lloyd_max", "lopq", "lsq", "opq", "pq", "qet", "qet_paper", "qet_residual", "rq", "rtn", "trellis",
+    "nf", "rotated_rtn",
     # parameter trees and files
     "dequantize_tree", "finetune", "load", "quantize_tree", "save",
 ]
