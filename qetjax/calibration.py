@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qetjax import gptq
+from qetjax import gptq, sharding
 from qetjax.core import Quantizer, dequantize, from_spec
 from qetjax.tree import LAYOUTS, as_transposed, leaf_key, path_str
 
@@ -282,7 +282,7 @@ def _gptq_quantizer(path: str, q: Any, layout: str) -> tuple[Quantizer, bool]:
 def gptq_tree(key: jax.Array, params: Any, policy: Mapping[str, Quantizer], apply: Apply | nn.Module | None = None,
               batch: Any = None, *, stages: Sequence[Sequence[str]] | None = None, mask: Any = None,
               inputs: Mapping[str, Any] | None = None, layout: str = "out_in", damp: float = 0.01,
-              callback: Callable[[int, list[str]], None] | None = None) -> Any:
+              callback: Callable[[int, list[str]], None] | None = None, mesh: Any = None) -> Any:
     """Quantizes the leaves named by ``policy`` with GPTQ, stage by stage, on calibration inputs.
 
     Stage ``i``'s inputs are captured (:func:`dense_inputs`) on the model whose leaves of stages
@@ -310,6 +310,9 @@ def gptq_tree(key: jax.Array, params: Any, policy: Mapping[str, Quantizer], appl
       layout: ``"out_in"`` or ``"in_out"`` (see ``policy``).
       damp: GPTQ's relative Hessian damping.
       callback: called as ``callback(i, stage)`` after each stage is quantized.
+      mesh: a ``jax.sharding.Mesh`` (one axis): each leaf's Hessian is accumulated from its
+        inputs split over the devices and its rows are compensated and encoded split
+        (:func:`qetjax.sharding.gptq_leaf`; a leaf that does not split runs on one device).
 
     Returns:
       ``params`` with the policy's leaves replaced by :class:`~qetjax.core.QuantizedArray`.
@@ -356,7 +359,10 @@ def gptq_tree(key: jax.Array, params: Any, policy: Mapping[str, Quantizer], appl
             if np.shape(x)[-1] != w.shape[1]:
                 raise ValueError(f"{p}: inputs have {np.shape(x)[-1]} columns, the quantizer sees {tuple(w.shape)} "
                                  "(a Flax kernel [in, out] is quantized as [out, in]: layout='out_in' or transposed(q))")
-            qa = gptq.quantize(q, leaf_key(key, p), w, x, damp=damp)
+            if mesh is None:
+                qa = gptq.quantize(q, leaf_key(key, p), w, x, damp=damp)
+            else:
+                qa = sharding.gptq_leaf(q, leaf_key(key, p), w, x, mesh, damp=damp)
             done[p] = as_transposed(qa) if flipped else qa
         logger.info("gptq stage %d/%d done: %s", i + 1, len(stages), stage)
         if callback is not None:
