@@ -2,10 +2,12 @@
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -54,10 +56,11 @@ def round_trips(codes: list[np.ndarray], width: int) -> list[tuple[np.ndarray, n
 
 def check_round_trip(codes: np.ndarray, width: int, words: np.ndarray, out: np.ndarray) -> None:
     count = codes.shape[0]
-    assert words.dtype == np.uint32 and out.dtype == np.uint32
-    assert words.shape == (math.ceil(count * width / 32),) == (packing.num_words(count, width),)
-    np.testing.assert_array_equal(words, reference_pack(codes, width))
-    np.testing.assert_array_equal(out, codes)
+    chex.assert_type([words, out], np.uint32)
+    chex.assert_shape(words, (math.ceil(count * width / 32),))
+    assert packing.num_words(count, width) == words.shape[0]
+    chex.assert_trees_all_equal(words, reference_pack(codes, width))
+    chex.assert_trees_all_equal(out, codes)
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -84,17 +87,21 @@ def test_num_words_is_ceil(width, count):
     assert packing.num_words(count, width) * 32 >= count * width > packing.num_words(count, width) * 32 - 32
 
 
-@pytest.mark.parametrize("width", [1, 13, 32])
-def test_jit_equals_eager(width):
-    count = 77
-    codes = jnp.asarray(random_codes(width, count, width))
-    words = packing.pack(codes, width)
-    np.testing.assert_array_equal(np.asarray(words), reference_pack(np.asarray(codes), width))
-    np.testing.assert_array_equal(np.asarray(packing.unpack(words, width, count)), np.asarray(codes))
-    words_jit = jax.jit(packing.pack, static_argnums=1)(codes, width)
-    np.testing.assert_array_equal(np.asarray(words_jit), np.asarray(words))
-    out_jit = jax.jit(packing.unpack, static_argnums=(1, 2))(words, width, count)
-    np.testing.assert_array_equal(np.asarray(out_jit), np.asarray(codes))
+class JitAndEagerTest(chex.TestCase):
+    """pack/unpack with and without jit (default compilation): the documented layout, exact round trips."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(1, 13, 32)
+    def test_round_trip_and_layout(self, width):
+        count = 77
+        codes = jnp.asarray(random_codes(width, count, width))
+        pack = self.variant(packing.pack, static_argnums=1)
+        unpack = self.variant(packing.unpack, static_argnums=(1, 2))
+        words = pack(codes, width)
+        chex.assert_shape(words, (packing.num_words(count, width),))
+        chex.assert_type(words, jnp.uint32)
+        chex.assert_trees_all_equal(np.asarray(words), reference_pack(np.asarray(codes), width))
+        chex.assert_trees_all_equal(unpack(words, width, count), codes)
 
 
 def test_signed_and_narrow_integer_inputs():

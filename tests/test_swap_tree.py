@@ -1,9 +1,11 @@
 """Tests of qetjax.swap_tree against a slow recursive numpy reference."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -163,7 +165,7 @@ def test_packing_is_packing_pack_width_1():
     levels = 3
     _, ind = swap_tree.forward(x, levels)
     stream = np.concatenate([np.asarray(b) for b in reference(np.asarray(x), levels)[1]], axis=1)
-    np.testing.assert_array_equal(np.asarray(ind.indicators), np.asarray(packing.pack(jnp.asarray(stream.reshape(-1), jnp.uint32), 1)))
+    chex.assert_trees_all_equal(ind.indicators, packing.pack(jnp.asarray(stream.reshape(-1), jnp.uint32), 1))
 
 
 def test_bits_counted_under_indicators():
@@ -173,22 +175,34 @@ def test_bits_counted_under_indicators():
     assert [p[-1].name for p, _ in leaves] == ["indicators"]
 
 
-def test_jit_equals_eager_and_vmap_equals_loop():
+class JitAndEagerTest(chex.TestCase):
+    """forward equals the numpy reference and inverse restores every bit, with and without jit."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(("float32", 0), ("bfloat16", 2), ("float16", 3))
+    def test_forward_matches_reference_and_inverts(self, dtype, levels):
+        x = jax.random.normal(jax.random.key(4), (5, 21)).astype(dtype)
+        forward = self.variant(swap_tree.forward, static_argnums=1)
+        inverse = self.variant(swap_tree.inverse, static_argnums=2)
+        y, ind = forward(x, levels)
+        chex.assert_equal_shape([x, y])
+        chex.assert_type(y, x.dtype)
+        ref_y, ref_bits = reference(np.asarray(x), levels)
+        chex.assert_trees_all_equal(as_bits(y), as_bits(jnp.asarray(ref_y)))
+        chex.assert_trees_all_equal([np.asarray(b) for b in swap_tree.indicator_bits(ind)], ref_bits)
+        chex.assert_trees_all_equal(as_bits(inverse(y, ind, levels)), as_bits(x))
+
+
+def test_vmap_equals_loop():
     xs = jax.random.normal(jax.random.key(4), (3, 5, 21)).astype(jnp.bfloat16)
     levels = 2
-    fwd = jax.jit(swap_tree.forward, static_argnums=1)
-    inv = jax.jit(swap_tree.inverse, static_argnums=2)
-    y, ind = swap_tree.forward(xs[0], levels)
-    yj, indj = fwd(xs[0], levels)
-    np.testing.assert_array_equal(as_bits(y), as_bits(yj))
-    np.testing.assert_array_equal(np.asarray(ind.indicators), np.asarray(indj.indicators))
     ys, inds = jax.vmap(lambda x: swap_tree.forward(x, levels))(xs)
     for i in range(xs.shape[0]):
         yi, indi = swap_tree.forward(xs[i], levels)
-        np.testing.assert_array_equal(as_bits(ys[i]), as_bits(yi))
-        np.testing.assert_array_equal(np.asarray(inds.indicators[i]), np.asarray(indi.indicators))
-    back = jax.vmap(lambda y, i: inv(y, i, levels))(ys, inds)
-    np.testing.assert_array_equal(as_bits(back), as_bits(xs))
+        chex.assert_trees_all_equal(as_bits(ys[i]), as_bits(yi))
+        chex.assert_trees_all_equal(inds.indicators[i], indi.indicators)
+    back = jax.vmap(lambda y, i: swap_tree.inverse(y, i, levels))(ys, inds)
+    chex.assert_trees_all_equal(as_bits(back), as_bits(xs))
 
 
 def test_inverse_accepts_raw_words():
