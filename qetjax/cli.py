@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qetjax import metrics
-from qetjax.bench import data, report
+from qetjax.bench import curves, data, report
 from qetjax.bench.config import parse_config, registered_methods
 from qetjax.budget import for_budget
 from qetjax.core import bits, dequantize, quantize
@@ -111,9 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="matrices to use (minilm needs the models extra)")
     parser.add_argument("--rows", type=int, help="rows of the gaussian and qet_paper matrices (default 1024; 256 with --quick)")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows to a CSV file")
-    parser.add_argument("--model", choices=["minilm"], help="run the end-to-end evaluation of this model instead")
-    parser.add_argument("--parts", nargs="+", default=["weights", "kv", "memory"], choices=["weights", "kv", "memory"],
-                        help="--model minilm: measurements to make")
+    parser.add_argument("--model", choices=["minilm", "smollm2"], help="run the end-to-end evaluation of this model instead")
+    parser.add_argument("--parts", nargs="+", default=["weights", "kv", "memory"],
+                        choices=["weights", "kv", "memory", "speed"],
+                        help="--model minilm: measurements to make; --model smollm2: weights, kv, speed")
     parser.add_argument("--targets", nargs="+", default=["linear", "embedding"], choices=["linear", "embedding"],
                         help="--model minilm: leaves to quantize")
     parser.add_argument("--sentences", type=int, help="--model minilm: corpus size (default 128 with --quick, else 512)")
@@ -122,9 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="--model minilm: a .npz file whose 'sentences' open the corpus (e.g. the fixture "
                              "minilm_reference.npz of BENCHMARKS.md's tables; default: $QETJAX_MINILM_REFERENCE, else none)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--curves", metavar="PATH",
+                        help="also measure each method's operating points (its solver at budgets 1.5..4.5, step 0.25), "
+                             "print the best at each --bits budget off their lower convex hulls and plot them to PATH")
     args = parser.parse_args(argv)
     if args.model == "minilm":
         return _minilm(parser, args)
+    if args.model == "smollm2":
+        return _smollm2(parser, args, budgeted)
     unknown = sorted(set(args.methods) - set(budgeted))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {budgeted}")
@@ -139,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.markdown_table(rows, COLUMNS))
     if args.csv:
         report.write_csv(args.csv, rows, COLUMNS)
+    if args.curves:
+        print("\n" + curves.run(sets, args.methods, args.bits, args.curves)[0])
     return 0
 
 
@@ -164,6 +172,28 @@ def _minilm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     rows = ev.run(args.methods, args.bits, parts=args.parts, targets=args.targets, reference=args.reference_sentences,
                   on_row=on_row, **sizes)
+    print(report.markdown_by_part(rows))
+    if args.csv:
+        report.write_csv(args.csv, rows)
+    return 0
+
+
+def _smollm2(parser: argparse.ArgumentParser, args: argparse.Namespace, budgeted: Sequence[str]) -> int:
+    """``--model smollm2``: :func:`qetjax.bench.smollm2.report_rows` (default configurations unless --methods)."""
+    from qetjax.bench import smollm2
+
+    methods = list(smollm2.WEIGHT_CONFIGS) if list(args.methods) == list(budgeted) else args.methods
+    try:
+        for c in methods:
+            parse_config(c)
+    except ValueError as err:
+        parser.error(str(err))
+    parts = [p for p in args.parts if p != "memory"]  # smollm2's weight rows carry their peak memory
+
+    def on_row(row: dict) -> None:
+        print(row, file=sys.stderr, flush=True)
+
+    rows = smollm2.report_rows(args.quick, args.bits, methods, parts=parts, progress=not args.no_progress, on_row=on_row)
     print(report.markdown_by_part(rows))
     if args.csv:
         report.write_csv(args.csv, rows)
