@@ -17,10 +17,18 @@ Stored size: per token, only the codes (including per-row scales for scalar meth
 the cache; the fitted params are a fixed cost. :func:`code_bits_per_element` reports the
 former, :func:`params_bits` the latter.
 
+Decoder caches (:class:`QuantizedKV`, the KV schemes of :mod:`qetjax.models.llama`) hold keys
+and values only as codes and side information: tokens are encoded in chunks as they leave a
+small full-precision window, with KIVI (:func:`kivi`: keys per channel over chunks of tokens,
+values per token), KVQuant-style pre-RoPE keys (:func:`kvquant`) or any registered quantizer
+fitted once on calibration keys/values (:func:`fit_scheme`); :func:`cache_bits` counts them.
+
 Example:
     >>> kv = minilm.encode(params, **calib, return_kv=True)[1]
     >>> codec = fit_kv(jax.random.key(0), qetjax.rtn(4), kv, calib["attention_mask"])
     >>> emb = minilm.embed(params, **batch, kv_transform=transform(codec))
+    >>> scheme = kivi(llama.config_of(lm_params), 2)       # a decoder cache of 2-bit codes
+    >>> llama.generate(lm_params, prompt_ids, 16, kv=scheme)
 """
 
 from __future__ import annotations

@@ -323,3 +323,22 @@ def test_calibration_capture_on_the_unrolled_layers(small, reference):
     stages = calibration.dense_stages(apply, flat, batch)
     assert stages[0] == ["layer_0/q_proj/kernel", "layer_0/k_proj/kernel", "layer_0/v_proj/kernel"]
     assert len(stages) == 8
+
+
+def test_frozen_corpora_are_disjoint_and_long_enough(smollm2):
+    from qetjax.bench import corpus
+    from qetjax.bench import smollm2 as bench
+
+    ev, ca = corpus.llm_text("eval"), corpus.llm_text("calib")
+    long = [{p for p in text.split("\n\n") if len(p) >= 80} for text in (ev, ca)]
+    assert len(long[0]) > 500 and not long[0] & long[1]  # no paragraph of the calibration text is evaluated
+    windows = bench.token_windows("eval", 32, 512)  # the full-size perplexity corpus: 16,384 tokens
+    assert windows.shape == (32, 512) and windows.dtype == np.int32
+    np.testing.assert_array_equal(windows.reshape(-1)[:600], bench.corpus_tokens("eval")[:600])
+    with pytest.raises(ValueError, match="need 5120000 tokens"):
+        bench.token_windows("eval", 10_000, 512)
+    with pytest.raises(ValueError, match="split"):
+        corpus.llm_text("test")
+    sentences = corpus.stdlib_sentences(3000)
+    assert len(sentences) == 2105 and len(set(sentences)) == 2105  # frozen: today's sentences, in order
+    assert corpus.stdlib_sentences(3, exclude=sentences[:1]) == sentences[1:4]

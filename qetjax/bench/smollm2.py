@@ -1,0 +1,439 @@
+"""End-to-end benchmark of SmolLM2-135M (a real causal LLM): perplexity with quantized weights and KV caches.
+
+Text: the frozen standard-library corpora (:func:`qetjax.bench.corpus.llm_text`), tokenized
+once without BOS and cut into consecutive fixed-length windows; perplexity
+(:func:`qetjax.models.llama.perplexity`) scores every token of a window but its first, from the
+window's own preceding tokens. Calibration windows come from the disjoint ``"calib"`` text.
+
+Parts (each a list of result rows, printed with :func:`qetjax.bench.report.markdown_by_part`):
+
+* ``weights``: the 210 linear kernels (all 30 layers' q/k/v/o and gate/up/down projections,
+  quantized as ``[out, in]``: rows are output channels, groups run along the inputs; the tied
+  embedding is kept in float32) with each configuration's budget solver at each budget;
+  ``+gptq`` compensates on calibration inputs captured with :mod:`qetjax.calibration` from the
+  model's unrolled layers (all inputs from the fp32 model, one capture); ``+mixed`` spreads the
+  budget over the kernels by their measured output error on those inputs. Rows: stored
+  bits/weight of the quantized kernels, perplexity, its ratio to fp32, quantize seconds and the
+  peak RSS above the process's before quantizing.
+* ``kv``: the KV cache quantized with fp32 weights: KIVI (per-channel keys in chunks of 32
+  tokens, per-token values, a window of recent tokens in fp16), KVQuant-style (the same with keys
+  quantized before RoPE) and registered quantizers fitted once on calibration keys/values
+  (every token encoded as written). Rows: stored cache bits per element and bytes per token at the
+  window length (codes, side information and the full-precision window; fitted codebooks
+  separately), perplexity and ratio, attention-output error per layer (each layer alone
+  quantized, fp32 queries).
+* ``speed``: greedy generation through the jit-compiled cache loop: prefill and per-token decode
+  seconds (compile time apart) with fp32 weights, with quantized weights decoded inside the loop,
+  and with a quantized KV cache, side by side.
+
+The file's linear weights lie on a Q4_1 grid (blocks of 32 along the inputs, fp16 scale and
+minimum: 5 stored bits/weight), so asymmetric 4-bit RTN in groups of 32 reproduces them (to
+float32 rounding with float32 side information: the ``q4_1 grid`` row); the comparison is at 2, 3
+and 4 stored bits/weight, where no method can copy that grid.
+
+Example:
+    >>> s = setup(**SIZES["quick"])
+    >>> rows = weight_rows(s, ["rtn", "pvq:group_size=64"], [3.0, 4.0])
+    >>> print(report.markdown_by_part(rows))
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qetjax import calibration
+from qetjax import kv as kvq
+from qetjax.bench.config import Config, parse_config
+from qetjax.bench.corpus import llm_text
+from qetjax.bench.memory import MiB, RssPeak
+from qetjax.budget import allocate, for_budget
+from qetjax.core import METHODS, QuantizedArray, dequantize
+from qetjax.methods.scalar import rtn
+from qetjax.models import llama
+from qetjax.tree import dequantize_tree, path_str, quantize_tree, tree_bits
+
+LINEAR = r"^layer_\d+/[a-z_]+_proj/kernel$"
+"""The quantized leaves (paths of :func:`qetjax.models.llama.unstack_layers`): every linear kernel."""
+
+SIZES = {
+    "quick": dict(windows=8, window=256, calib_windows=8, kv_calib_windows=2, prompt=64, new_tokens=32),
+    "full": dict(windows=32, window=512, calib_windows=16, kv_calib_windows=4, prompt=128, new_tokens=64),
+}
+"""Corpus sizes: ``windows`` x ``window`` evaluation tokens (full: 32 x 512 = 16,384 tokens), calibration
+windows of the same length for GPTQ and mixed budgets, fewer for fitting KV quantizers; the generation
+prompt and the tokens generated."""
+
+KV_DEFAULTS = dict(group=32, value_group=32, window=0)
+"""KIVI/KVQuant settings of the KV table: chunks of 32 tokens for the per-channel keys, 32-channel
+value groups, no extra full-precision window (the incomplete chunk, up to 31 tokens, stays in fp16:
+a ring of 32 tokens, counted). At a 512-token context every 32 fp16 tokens cost 1 bit/element."""
+
+
+WEIGHT_CONFIGS = ("rtn", "rtn:group_size=64", "pq", "pvq:group_size=64", "pvq:group_size=64+gptq")
+"""Default weight configurations of the benchmark (``qetjax.bench.config`` strings)."""
+
+KV_CONFIGS = ("rtn:granularity=row", "pq", "pvq")
+"""Default registered methods of the KV table (besides KIVI and KVQuant-style)."""
+
+
+class Setup(NamedTuple):
+    """Model, tokenized evaluation and calibration windows, and the fp32 perplexity."""
+
+    params: Any
+    tokenizer: Any
+    windows: np.ndarray
+    calib: dict
+    reference_ppl: float
+
+
+@functools.lru_cache(maxsize=4)
+def corpus_tokens(split: str) -> np.ndarray:
+    """The whole frozen ``split`` text as SmolLM2 token ids (no BOS), int32."""
+    _, _, tokenizer = llama.load_pretrained()
+    return np.asarray(tokenizer.encode(llm_text(split), add_special_tokens=False).ids, np.int32)
+
+
+def token_windows(split: str, count: int, length: int) -> np.ndarray:
+    """The first ``count`` consecutive ``length``-token windows of the ``split`` text, ``[count, length]``."""
+    ids = corpus_tokens(split)
+    if count < 1 or length < 2 or count * length > ids.size:
+        raise ValueError(f"{count} windows of {length} tokens need {count * length} tokens; the {split!r} corpus "
+                         f"has {ids.size} (count >= 1, length >= 2)")
+    return ids[: count * length].reshape(count, length)
+
+
+def setup(windows: int = 8, window: int = 256, calib_windows: int = 8, **_: Any) -> Setup:
+    """Loads SmolLM2, cuts the evaluation and calibration windows, and measures the fp32 perplexity."""
+    _, params, tokenizer = llama.load_pretrained()
+    evaluation = token_windows("eval", windows, window)
+    ids = token_windows("calib", calib_windows, window)
+    calib = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    return Setup(params, tokenizer, evaluation, calib, perplexity(params, evaluation))
+
+
+def perplexity(params: Any, windows: np.ndarray, kv: Any = None) -> float:
+    """Perplexity over ``windows`` (one window per forward pass)."""
+    return llama.perplexity(params, windows, kv=kv, batch_size=1)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _kernels(flat: Any) -> dict[str, Any]:
+    """The linear kernels of an unstacked tree by path (quantized ones as :class:`~qetjax.core.QuantizedArray`)."""
+    leaves = jax.tree_util.tree_flatten_with_path(flat, is_leaf=lambda x: isinstance(x, QuantizedArray))[0]
+    return {path_str(p): x for p, x in leaves if re.search(LINEAR, path_str(p))}
+
+
+def calibration_inputs(params: Any, calib: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Inputs ``[tokens, in]`` of every linear kernel on the calibration windows (fp32 model)."""
+    flat = llama.unstack_layers(params)
+    apply = llama.CalibrationApply(llama.config_of(params))
+    return calibration.dense_inputs(apply, flat, calib, select=LINEAR, mask=calib["attention_mask"])
+
+
+def quantize_weights(params: Any, config: Config, bits_per_weight: float | Mapping[str, float], *,
+                     inputs: Mapping[str, np.ndarray] | None = None, key: jax.Array | None = None) -> Any:
+    """The unstacked tree (:func:`~qetjax.models.llama.unstack_layers`) with every linear kernel quantized.
+
+    Args:
+      params: SmolLM2 parameter tree.
+      config: method, solver options, ``gptq``.
+      bits_per_weight: one budget for all kernels, or one per kernel path.
+      inputs: the fp32 model's :func:`calibration_inputs`, needed for GPTQ.
+      key: PRNG key (default ``jax.random.key(0)``).
+
+    Returns:
+      The quantized unstacked tree (``qetjax.dequantize_tree`` then
+      :func:`~qetjax.models.llama.stack_layers` gives a model; or stack the quantized tree itself
+      when every layer has the same configuration, to decode inside the layer loop).
+    """
+    key = jax.random.key(0) if key is None else key
+    flat = llama.unstack_layers(params)
+    kernels = _kernels(flat)
+    budgets = bits_per_weight if isinstance(bits_per_weight, Mapping) else dict.fromkeys(kernels, bits_per_weight)
+    policy = {p: for_budget(config.method, kernels[p].shape[::-1], b, **dict(config.options)) for p, b in budgets.items()}
+    if not config.gptq:
+        return quantize_tree(key, flat, lambda p, x: policy.get(p), layout="out_in", progress=False)
+    if inputs is None:
+        raise ValueError("GPTQ needs the calibration inputs (calibration_inputs(params, calib))")
+    return calibration.gptq_tree(key, flat, policy, inputs=inputs)
+
+
+def mixed_budgets(params: Any, config: Config, bits_per_weight: float, inputs: Mapping[str, np.ndarray],
+                  spread: tuple[float, float] = (1.0, 2.0)) -> dict[str, float]:
+    """Per-kernel budgets of mean ``bits_per_weight``, spread by each kernel's output error at that budget.
+
+    A kernel's sensitivity is ``||X (W - Ŵ)||² / rows`` on its calibration inputs ``X`` (the
+    squared output error it adds, summed over output channels), with ``Ŵ`` the kernel quantized
+    alone at ``bits_per_weight``; :func:`qetjax.budget.allocate` then gives each kernel a budget
+    in ``[bits - spread[0], bits + spread[1]]`` (6 dB per bit model). Every kernel stores at most
+    its budget, so the model stays within the mean.
+    """
+    flat = llama.unstack_layers(params)
+    kernels = _kernels(flat)
+    qtree = quantize_weights(params, config, bits_per_weight, inputs=inputs)
+    done = _kernels(qtree)
+    sens = {}
+    for p, w in kernels.items():
+        w_hat = dequantize(done[p])
+        x = jnp.asarray(inputs[p])
+        sens[p] = float(jnp.sum(jnp.square(x @ (w_hat - w)))) / x.shape[0]
+    sizes = {p: int(np.size(w)) for p, w in kernels.items()}
+    low, high = spread
+    return allocate(sens, sizes, bits_per_weight, bits_per_weight, max(bits_per_weight - low, 0.5), bits_per_weight + high)
+
+
+def weight_rows(s: Setup, configs: Sequence[str], budgets: Sequence[float], *,
+                on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """One row per (configuration, budget): stored bits/weight, perplexity, ratio, quantize seconds, peak RSS."""
+    rows = []
+    inputs = None
+    for text in configs:
+        config = parse_config(text)
+        if (config.gptq or config.mixed) and inputs is None:
+            inputs = calibration_inputs(s.params, s.calib)
+        for budget in budgets:
+            row = {"part": "weights", "config": text, "budget": budget}
+            t0 = time.perf_counter()
+            try:
+                with RssPeak() as mem:
+                    bits = mixed_budgets(s.params, config, budget, inputs) if config.mixed else budget
+                    qtree = jax.block_until_ready(quantize_weights(s.params, config, bits, inputs=inputs))
+            except ValueError as err:
+                rows.append({**row, "status": f"n/a ({str(err)[:80]})"})
+                continue
+            seconds = time.perf_counter() - t0
+            ppl = perplexity(llama.stack_layers(dequantize_tree(qtree)), s.windows)
+            rows.append({**row, "status": "ok", "bpw_linear": tree_bits(qtree).quantized_bits_per_weight, "ppl": ppl,
+                         "ppl_ratio": ppl / s.reference_ppl, "quantize_s": seconds, "peak_MiB": mem.delta / MiB})
+            if on_row is not None:
+                on_row(rows[-1])
+    return rows
+
+
+def q4_1_grid_row(s: Setup) -> dict:
+    """The sanity row: asymmetric 4-bit RTN in groups of 32 with float32 side information on the Q4_1 grid."""
+    q = rtn(4, group_size=32, scale_dtype="float32")
+    flat = llama.unstack_layers(s.params)
+    t0 = time.perf_counter()
+    qtree = quantize_tree(jax.random.key(0), flat, lambda p, x: q if re.search(LINEAR, p) else None, layout="out_in",
+                          progress=False)
+    seconds = time.perf_counter() - t0
+    deq = dequantize_tree(qtree)
+    err = max(float(jnp.max(jnp.abs(deq_k - k))) for deq_k, k in zip(_kernels(deq).values(), _kernels(flat).values()))
+    ppl = perplexity(llama.stack_layers(deq), s.windows)
+    return {"part": "weights", "config": "q4_1 grid: rtn 4-bit g32, fp32 scale/min", "budget": "-",
+            "status": f"ok (max |w - ŵ| = {err:.1e})", "bpw_linear": tree_bits(qtree).quantized_bits_per_weight,
+            "ppl": ppl, "ppl_ratio": ppl / s.reference_ppl, "quantize_s": seconds}
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+def attention_errors(params: Any, windows: np.ndarray, scheme: Any) -> np.ndarray:
+    """Relative attention-output error per layer, ``||A(q, k̂, v̂) - A(q, k, v)|| / ||A(q, k, v)||``.
+
+    Each layer's fp32 queries attend over its keys and values as the quantized cache holds them
+    (:meth:`~qetjax.kv.QuantizedKV.attend_full`); the exact output is passed on, so layers do not
+    compound. Summed over ``windows``.
+    """
+    return np.asarray(_attention_errors(params, jnp.asarray(windows), scheme))
+
+
+@jax.jit
+def _attention_errors(params: Any, windows: jax.Array, scheme: Any) -> jax.Array:
+    config = llama.config_of(params)
+    s = windows.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(s), windows.shape)
+    visible = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool))[None], (windows.shape[0], s, s))
+    rope = functools.partial(llama.apply_rope, theta=config.rope_theta)
+
+    def attend(data: Any, q: jax.Array, k: jax.Array, v: jax.Array, k_pre: jax.Array) -> tuple[jax.Array, Any]:
+        exact = llama.grouped_attention(q, k, v, visible)
+        approx = scheme.attend_full(data, q, k, v, k_pre, visible, rope)
+        return exact, (jnp.sum(jnp.square(approx - exact)), jnp.sum(jnp.square(exact)))
+
+    x = jnp.take(params["embed"]["embedding"], windows, axis=0)
+    _, (num, den) = llama.run_layers(params, x, positions, attend, scheme.layer_data)
+    return jnp.sqrt(num / den)
+
+
+def kv_schemes(s: Setup, configs: Sequence[str], budget: float, kv_calib_windows: int = 2) -> list[tuple[str, Any]]:
+    """``(label, scheme)`` for each KV configuration at ``budget`` bits/element.
+
+    ``kivi`` and ``kvquant`` use ``budget - 1`` code bits (their side information adds about one
+    bit per element with chunks and value groups of 32); a registered method's budget solver is
+    run on a tall ``[65536, head_dim]`` matrix (its codebooks are a fixed cost, counted apart).
+    """
+    config = llama.config_of(s.params)
+    calib = s.calib["input_ids"][:kv_calib_windows]
+    out = []
+    for text in configs:
+        c = parse_config(text)
+        options = dict(c.options)
+        pre_rope = bool(options.pop("pre_rope", False))
+        q = for_budget(c.method, (65536, config.head_dim), budget, **options)
+        scheme = kvq.fit_scheme(jax.random.key(0), q, s.params, calib, pre_rope=pre_rope)
+        out.append((text + (" (pre-RoPE keys)" if pre_rope else ""), scheme))
+    return out
+
+
+def baseline_schemes(config: Any, budget: float) -> list[tuple[str, Any]]:
+    """KIVI and KVQuant-style schemes with ``budget - 1`` code bits (see :data:`KV_DEFAULTS`)."""
+    bits = int(round(budget)) - 1
+    if bits < 1:
+        return []
+    g = KV_DEFAULTS
+    return [(f"kivi {bits}-bit g{g['group']} w{g['window']}", kvq.kivi(config, bits, **g)),
+            (f"kvquant-style {bits}-bit (pre-RoPE keys) g{g['group']} w{g['window']}", kvq.kvquant(config, bits, **g))]
+
+
+def kv_rows(s: Setup, configs: Sequence[str], budgets: Sequence[float], *, kv_calib_windows: int = 2,
+            on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """One row per (KV configuration, budget) with fp32 weights; see the module docstring."""
+    config = llama.config_of(s.params)
+    length = s.windows.shape[1]
+    elements = 2 * config.num_layers * config.num_kv_heads * length * config.head_dim
+    rows = []
+    for budget in budgets:
+        schemes = baseline_schemes(config, budget)
+        for text in configs:
+            try:
+                schemes += kv_schemes(s, [text], budget, kv_calib_windows)
+            except ValueError as err:
+                rows.append({"part": "kv", "config": text, "budget": budget, "status": f"n/a ({str(err)[:80]})"})
+        for label, scheme in schemes:
+            counted = kvq.cache_bits(scheme, config, 1, length)
+            ppl = perplexity(s.params, s.windows, kv=scheme)
+            errors = attention_errors(s.params, s.windows[:2], scheme)
+            rows.append({"part": "kv", "config": label, "budget": budget, "status": "ok",
+                         "cache_bits_per_element": (counted["codes"] + counted["window"]) / elements,
+                         "cache_bytes_per_token": (counted["codes"] + counted["window"]) / 8 / length,
+                         "params_KiB": counted["params"] / 8 / 1024, "ppl": ppl, "ppl_ratio": ppl / s.reference_ppl,
+                         "attn_err_mean": float(errors.mean()),
+                         "attn_err_per_layer": " ".join(f"{e:.3f}" for e in errors)})
+            if on_row is not None:
+                on_row(rows[-1])
+    return rows
+
+
+# --------------------------------------------------------------------------- generation speed
+
+
+@functools.partial(jax.jit, static_argnames="max_len")
+def _prefill(params: Any, ids: jax.Array, kv: Any, max_len: int) -> tuple[jax.Array, Any]:
+    return llama.prefill_tokens(params, ids, jnp.ones_like(ids), max_len, kv)
+
+
+@functools.partial(jax.jit, static_argnames="new_tokens")
+def _decode(params: Any, first: jax.Array, cache: Any, kv: Any, new_tokens: int) -> jax.Array:
+    return llama.decode_tokens(params, first, cache, new_tokens, kv)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """``fn()`` twice: (result, first call seconds (compile + run), second call seconds)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, first, time.perf_counter() - t0
+
+
+def speed_rows(s: Setup, prompt: int = 64, new_tokens: int = 32, weights: str = "rtn:bits=4:group_size=32",
+               kv_bits: int = 4, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Greedy generation speed: fp32, quantized weights decoded inside the loop, a quantized KV cache.
+
+    The quantized weights are one configuration for every layer (``weights``, at its own bits),
+    stacked so that each layer's kernels are decoded inside the ``lax.scan`` at every step.
+    """
+    config = llama.config_of(s.params)
+    ids = jnp.asarray(token_windows("eval", 1, prompt))
+    max_len = prompt + new_tokens
+    q = _fixed_quantizer(weights)
+    flat = llama.unstack_layers(s.params)
+    qtree = quantize_tree(jax.random.key(0), flat, lambda p, x: q if re.search(LINEAR, p) else None, layout="out_in",
+                          progress=False)
+    cases = [("fp32 weights, fp32 cache", s.params, None),
+             (f"{weights} weights (decoded in the loop), fp32 cache", llama.stack_layers(qtree), None),
+             (f"fp32 weights, kivi {kv_bits}-bit cache", s.params, kvq.kivi(config, kv_bits, **KV_DEFAULTS))]
+    rows = []
+    reference = None
+    for label, params, scheme in cases:
+        (first, cache), pre_first, pre_s = _timed(lambda p=params, k=scheme: _prefill(p, ids, k, max_len))
+        out, dec_first, dec_s = _timed(lambda p=params, k=scheme, f=first, c=cache: _decode(p, f, c, k, new_tokens))
+        out = np.asarray(out)
+        reference = out if reference is None else reference
+        rows.append({"part": "speed", "config": label, "prompt_tokens": prompt, "new_tokens": new_tokens,
+                     "prefill_compile_s": pre_first - pre_s, "prefill_s": pre_s, "prefill_tok_per_s": prompt / pre_s,
+                     "decode_compile_s": dec_first - dec_s, "decode_s_per_token": dec_s / (new_tokens - 1),
+                     "decode_tok_per_s": (new_tokens - 1) / dec_s,
+                     "same_tokens_as_fp32": f"{int(np.sum(out == reference))}/{out.size}"})
+        if on_row is not None:
+            on_row(rows[-1])
+    return rows
+
+
+def _fixed_quantizer(text: str) -> Any:
+    """A quantizer from a constructor config ``method:option=value...`` (not a budget)."""
+    c = parse_config(text)
+    return METHODS[c.method].constructor(**dict(c.options))
+
+
+def run(configs: Sequence[str], budgets: Sequence[float], *, parts: Sequence[str] = ("reference", "weights", "kv", "speed"),
+        kv_configs: Sequence[str] = KV_CONFIGS, windows: int = 8, window: int = 256, calib_windows: int = 8,
+        kv_calib_windows: int = 2, prompt: int = 64, new_tokens: int = 32,
+        on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """The benchmark: the fp32 reference row, then the requested parts' rows (see the module docstring)."""
+    s = setup(windows, window, calib_windows)
+    rows = [{"part": "reference", "config": "fp32", "windows": f"{windows} x {window} tokens",
+             "scored_tokens": windows * (window - 1), "ppl": s.reference_ppl}]
+    if on_row is not None:
+        on_row(rows[-1])
+    if "weights" in parts:
+        rows.append(q4_1_grid_row(s))
+        if on_row is not None:
+            on_row(rows[-1])
+        rows += weight_rows(s, configs, budgets, on_row=on_row)
+    if "kv" in parts:
+        rows += kv_rows(s, kv_configs, budgets, kv_calib_windows=kv_calib_windows, on_row=on_row)
+    if "speed" in parts:
+        rows += speed_rows(s, prompt, new_tokens, on_row=on_row)
+    return rows
+
+
+def report_rows(quick: bool, bits: Sequence[float], methods: Sequence[str] = WEIGHT_CONFIGS,
+                kv_methods: Sequence[str] = KV_CONFIGS, parts: Sequence[str] = ("weights", "kv", "speed"),
+                progress: bool = True, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """:func:`run` at the ``--quick`` or full :data:`SIZES` with a tqdm progress bar (the command-line runs).
+
+    ``on_row(row)`` is called after each row (e.g. to print or log it); compiled code is dropped
+    between rows (each configuration compiles anew) to keep a long run's memory bounded.
+    """
+    from tqdm import tqdm
+
+    total = 1 + ("weights" in parts) * (1 + len(methods) * len(bits)) + ("kv" in parts) * (
+        (2 + len(kv_methods)) * len(bits)) + ("speed" in parts) * 3
+    with tqdm(total=total, disable=not progress, desc="smollm2", file=sys.stderr) as bar:
+        def step(row: dict) -> None:
+            bar.update(1)
+            if on_row is not None:
+                on_row(row)
+            jax.clear_caches()
+
+        return run(methods, bits, parts=["reference", *parts], kv_configs=kv_methods, on_row=step,
+                   **SIZES["quick" if quick else "full"])
+
+
+__all__ = ["SIZES", "Setup", "attention_errors", "calibration_inputs", "corpus_tokens", "kv_rows", "mixed_budgets",
+           "perplexity", "quantize_weights", "report_rows", "run", "setup", "speed_rows", "token_windows", "weight_rows"]
