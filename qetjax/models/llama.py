@@ -408,9 +408,13 @@ def write_rows(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
     return jax.vmap(one)(buffer, new, start)
 
 
-def _run_layers(params: Params, x: jax.Array, positions: jax.Array, attend: Callable[..., tuple[jax.Array, Any]],
+def run_layers(params: Params, x: jax.Array, positions: jax.Array, attend: Callable[..., tuple[jax.Array, Any]],
                 layer_xs: Any, unroll: bool = False) -> tuple[jax.Array, Any]:
-    """The layer loop: ``lax.scan`` over the stacked layers and ``layer_xs`` (per-layer data)."""
+    """The layer loop: ``lax.scan`` over the stacked layers and ``layer_xs`` (per-layer data).
+
+    ``attend(layer_x, q, k, v, k_pre) -> (context, aux)`` is each layer's attention; the
+    per-layer ``aux`` come back stacked. Quantized layer leaves are decoded inside the loop.
+    """
     config = config_of(params)
 
     def body(h: jax.Array, xs: tuple[Params, Any]) -> tuple[jax.Array, Any]:
@@ -459,7 +463,7 @@ def forward(params: Params, input_ids: Any, attention_mask: Any = None, *, kv: A
     def attend(data: Any, q: jax.Array, k: jax.Array, v: jax.Array, k_pre: jax.Array) -> tuple[jax.Array, Any]:
         return scheme.attend_full(data, q, k, v, k_pre, visible, rope), (k, v)
 
-    return _run_layers(params, x, positions, attend, scheme.layer_data, unroll)
+    return run_layers(params, x, positions, attend, scheme.layer_data, unroll)
 
 
 def logits(params: Params, input_ids: Any, attention_mask: Any = None, *, kv: Any = None) -> jax.Array:
@@ -582,7 +586,7 @@ def prefill(params: Params, input_ids: Any, attention_mask: Any = None, *, max_l
         return out, scheme.write_prompt(data, state, k, v, k_pre, length)
 
     cache = init_cache(config, b, max_len, kv=scheme)
-    hidden, state = _run_layers(params, x, positions, attend, (scheme.layer_data, cache.state))
+    hidden, state = run_layers(params, x, positions, attend, (scheme.layer_data, cache.state))
     return head_logits(params, hidden), KVCache(state, length, cache.max_len)
 
 
@@ -620,7 +624,7 @@ def extend(params: Params, cache: KVCache, input_ids: Any, attention_mask: Any =
         k_all, v_all = scheme.read(data, state, new_len, rope)  # a scheme may hold a few spare slots
         return grouped_attention(q, k_all[:, :, :cache.max_len], v_all[:, :, :cache.max_len], visible), state
 
-    hidden, state = _run_layers(params, x, positions, attend, (scheme.layer_data, cache.state))
+    hidden, state = run_layers(params, x, positions, attend, (scheme.layer_data, cache.state))
     return head_logits(params, hidden), KVCache(state, new_len, cache.max_len)
 
 
