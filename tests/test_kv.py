@@ -213,3 +213,13 @@ def test_decoder_cache_bad_input(decoder):
         kvq.kivi(cfg, 2, value_group=48)
     with pytest.raises(ValueError, match="bits"):
         kvq.kivi(cfg, 0)
+
+
+def test_attention_error_probe(decoder):
+    from qetjax.bench.smollm2 import attention_errors
+
+    small, cfg, ids, _ = decoder
+    lossless = kvq.kivi(cfg, 4, group=4, window=64, window_dtype="float32")
+    np.testing.assert_array_equal(attention_errors(small, ids, lossless), np.zeros(2))
+    errors = attention_errors(small, ids, kvq.kivi(cfg, 2, group=4, window=0))
+    assert errors.shape == (2,) and np.all(errors > 0.01) and np.all(errors < 1.0)
