@@ -18,10 +18,10 @@ Parts (each a list of result rows, printed with :func:`qetjax.bench.report.markd
 * ``kv``: the KV cache quantized with fp32 weights: KIVI (per-channel keys in chunks of 32
   tokens, per-token values, a window of recent tokens in fp16), KVQuant-style (the same with keys
   quantized before RoPE) and registered quantizers fitted once on calibration keys/values
-  (every token encoded as written). Rows: stored cache bits per element and bytes per token at the
-  window length (codes, side information and the full-precision window; fitted codebooks
-  separately), perplexity and ratio, attention-output error per layer (each layer alone
-  quantized, fp32 queries).
+  (every token encoded as written). Rows: stored bits per cached element of what grows with the
+  cache (codes and side information such as scales), of the fixed full-precision ring at the
+  window length, bytes per token of both at that length, the fitted codebooks (fixed), perplexity
+  and ratio, attention-output error per layer (each layer alone quantized, fp32 queries).
 * ``speed``: greedy generation through the jit-compiled cache loop: prefill and per-token decode
   seconds (compile time apart) with fp32 weights, with quantized weights decoded inside the loop,
   and with a quantized KV cache, side by side.
@@ -317,7 +317,8 @@ def kv_rows(s: Setup, configs: Sequence[str], budgets: Sequence[float], *, kv_ca
             ppl = perplexity(s.params, s.windows, kv=scheme)
             errors = attention_errors(s.params, s.windows[:2], scheme)
             rows.append({"part": "kv", "config": label, "budget": budget, "status": "ok",
-                         "cache_bits_per_element": (counted["codes"] + counted["window"]) / elements,
+                         "code_bits_per_element": counted["codes"] / elements,
+                         "window_bits_per_element": counted["window"] / elements,
                          "cache_bytes_per_token": (counted["codes"] + counted["window"]) / 8 / length,
                          "params_KiB": counted["params"] / 8 / 1024, "ppl": ppl, "ppl_ratio": ppl / s.reference_ppl,
                          "attn_err_mean": float(errors.mean()),
