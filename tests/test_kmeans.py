@@ -1,9 +1,11 @@
 """Tests of the batched k-means engine against numpy references."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -165,3 +167,28 @@ def test_bad_inputs():
         kmeans.fit(jax.random.key(0), x, 11, progressive_steps=3)
     with pytest.raises(ValueError, match="progressive_steps"):
         kmeans.fit(jax.random.key(0), x, 2, progressive_steps=0)
+
+
+class JitAndEagerTest(chex.TestCase):
+    """Assignment and Lloyd refinement with and without jit, against numpy."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(5, 48)  # the unrolled scan, and matrix products
+    def test_assign_is_the_brute_force_nearest_centroid(self, d):
+        assign = self.variant(kmeans.assign)
+        x, c = _data(5, 2, 33, d), _data(6, 2, 7, d)  # odd sizes
+        codes, dist = assign(x, c)
+        chex.assert_shape([codes, dist], (2, 33))
+        chex.assert_type([codes, dist], [jnp.int32, jnp.float32])
+        ref = ((np.asarray(x, np.float64)[:, :, None] - np.asarray(c, np.float64)[:, None]) ** 2).sum(-1)
+        chex.assert_trees_all_equal(codes, ref.argmin(-1).astype(np.int32))
+        chex.assert_trees_all_close(dist, ref.min(-1), atol=1e-4)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_refine_is_numpy_lloyd(self):
+        refine = self.variant(kmeans.refine, static_argnums=2)
+        x = _data(3, 2, 60, 3)
+        c0 = x[:, :5]
+        got = refine(x, c0, 4)
+        chex.assert_equal_shape([got, c0])
+        chex.assert_trees_all_close(got, np.stack([_numpy_lloyd(x[s], c0[s], 4) for s in range(2)]), atol=1e-5)

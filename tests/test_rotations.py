@@ -1,12 +1,14 @@
 """Fast Walsh–Hadamard transform, randomized Hadamard rotation, random orthogonal matrices."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+from absl.testing import parameterized
 
-from qetjax import core, rotations
+from qetjax import rotations
 
 
 @pytest.mark.parametrize("n", [1, 2, 8, 64, 256])
@@ -62,3 +64,40 @@ def test_random_orthogonal():
     np.testing.assert_allclose(q @ q.T, np.eye(32), atol=1e-5)
     with pytest.raises(ValueError, match="n must be"):
         rotations.random_orthogonal(jax.random.key(0), 0)
+
+
+class JitAndEagerTest(chex.TestCase):
+    """The rotations with and without jit: dense references, exact inverses, orthogonality."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(1, 8, 64)
+    def test_fwht_is_the_normalised_hadamard_matrix(self, n):
+        fwht = self.variant(rotations.fwht)
+        x = jax.random.normal(jax.random.key(n), (3, n))
+        y = fwht(x)
+        chex.assert_shape(y, (3, n))
+        chex.assert_trees_all_close(y, np.asarray(x) @ scipy.linalg.hadamard(n).T / np.sqrt(n), atol=1e-5)
+        chex.assert_trees_all_close(fwht(y), x, atol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters((12, 4), (7, None))
+    def test_randomized_hadamard_inverts_and_keeps_norms(self, d, block):
+        rotate = self.variant(rotations.randomized_hadamard, static_argnames=("inverse", "block"))
+        x = jax.random.normal(jax.random.key(0), (5, d))
+        seed = jax.random.key_data(jax.random.key(3))
+        y = rotate(x, seed, block=block)
+        chex.assert_trees_all_close(jnp.linalg.norm(y, axis=1), jnp.linalg.norm(x, axis=1), rtol=1e-5)
+        chex.assert_trees_all_close(rotate(y, seed, inverse=True, block=block), x, atol=1e-5)
+        chex.assert_trees_all_equal(y, rotations.randomized_hadamard(x, seed, block=block))  # same in both modes
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_procrustes_recovers_an_orthogonal_map(self):
+        procrustes = self.variant(rotations.procrustes)
+        q = rotations.random_orthogonal(jax.random.key(1), 6)
+        x = jax.random.normal(jax.random.key(2), (40, 6))
+        r = procrustes(x, x @ q)
+        chex.assert_trees_all_close(r, q, atol=1e-4)
+        chex.assert_trees_all_close(r @ r.T, np.eye(6), atol=1e-5)
+        # weights select rows: zero-weight rows (here scrambled targets) do not move the solution
+        y = (x @ q).at[:10].set(jax.random.normal(jax.random.key(3), (10, 6)))
+        chex.assert_trees_all_close(procrustes(x, y, jnp.arange(40) >= 10), q, atol=1e-4)
