@@ -195,9 +195,9 @@ def dense_inputs(apply: Apply | nn.Module, params: Any, batch: Any, *, select: S
     if mask is not None:
         real = np.asarray(mask) != 0
     out = {}
-    for path, xs in captured.items():
+    for path in list(captured):
         rows = []
-        for x in xs:
+        for x in captured.pop(path):  # each padded capture is freed once its real rows are copied out
             x = np.asarray(x, np.float32)
             if real is not None:
                 if x.shape[:-1] != real.shape:
@@ -205,7 +205,10 @@ def dense_inputs(apply: Apply | nn.Module, params: Any, batch: Any, *, select: S
                                      f"{x.shape}: the mask must have the inputs' leading shape")
                 x = x[real]
             rows.append(x.reshape(-1, x.shape[-1]))
-        out[path] = np.concatenate(rows) if calls == "concat" else np.stack(rows)
+        if len(rows) == 1:
+            out[path] = rows[0] if calls == "concat" else rows[0][None]
+        else:
+            out[path] = np.concatenate(rows) if calls == "concat" else np.stack(rows)
     return out
 
 
@@ -287,7 +290,9 @@ def gptq_tree(key: jax.Array, params: Any, policy: Mapping[str, Quantizer], appl
 
     Stage ``i``'s inputs are captured (:func:`dense_inputs`) on the model whose leaves of stages
     ``< i`` are replaced by their quantized values, so each layer compensates the error of those
-    before it. Each leaf uses ``gptq.quantize(q, leaf_key(key, path), w, x)`` with ``q``'s
+    before it. Only the stage's own layers are captured, so the inputs held at once are one
+    stage's (the forward pass is compiled once per stage, then cached). Each leaf uses
+    ``gptq.quantize(q, leaf_key(key, path), w, x)`` with ``q``'s
     :attr:`~qetjax.core.Quantizer.column_group`; the result is the tree of
     :func:`qetjax.quantize_tree` with the same policy and layout (same leaf structure and
     stored bits), compensated weights encoded instead of the originals.
@@ -341,12 +346,11 @@ def gptq_tree(key: jax.Array, params: Any, policy: Mapping[str, Quantizer], appl
                          f"outside the policy {sorted(set(flat) - set(policy))[:3]}")
     if (len(stages) > 1 or inputs is None) and (apply is None or batch is None):
         raise ValueError("gptq_tree needs apply and batch to capture inputs (or inputs and a single stage)")
-    selected = frozenset(policy)
     done: dict[str, Any] = {}
     current = params  # the model with the stages done so far decoded
     for i, stage in enumerate(stages):
-        if i > 0 or inputs is None:  # every policy path: one compilation serves all stages
-            stage_inputs = dense_inputs(apply, current, batch, select=selected, mask=mask)
+        if i > 0 or inputs is None:  # this stage's layers only: memory for one stage's inputs, one compilation per stage
+            stage_inputs = dense_inputs(apply, current, batch, select=frozenset(stage), mask=mask)
         else:
             stage_inputs = inputs
         for p in stage:
