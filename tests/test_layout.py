@@ -23,7 +23,7 @@ TOP_LEVEL = {
     "combinators": "engines", "packing": "engines", "kmeans": "engines", "codebooks": "engines",
     "rotations": "engines", "swap_tree": "engines",
     "gptq": "integration", "calibration": "integration", "tree": "integration", "kv": "integration",
-    "io": "integration", "finetune": "integration", "sharding": "integration",
+    "io": "integration", "finetune": "integration", "sharding": "integration", "nn": "integration",
     "cli": "cli",
 }
 """Layer of each top-level module; subpackages ``methods``, ``models``, ``bench`` are layers of their own."""
@@ -133,11 +133,19 @@ def test_import_graph_is_acyclic():
             visit(m, [])
 
 
+KNOWN_VIOLATIONS = {
+    "qetjax.bench.smollm2": "calls jax.clear_caches() after each row (the caller's job, e.g. in an on_row callback)",
+}
+"""Library modules that still break the rule, each with what to change; strict xfail: fixing one fails until it is removed."""
+
+
 def library_files():
-    return [p for p in sorted(PACKAGE.rglob("*.py")) if module_name(p) != "qetjax.cli"]
+    return [pytest.param(p, id=module_name(p), marks=[pytest.mark.xfail(strict=True, reason=KNOWN_VIOLATIONS[module_name(p)])]
+                         if module_name(p) in KNOWN_VIOLATIONS else []) for p in sorted(PACKAGE.rglob("*.py"))
+            if module_name(p) != "qetjax.cli"]
 
 
-@pytest.mark.parametrize("path", library_files(), ids=lambda p: module_name(p))
+@pytest.mark.parametrize("path", library_files())
 def test_library_code_has_no_print_no_cache_clearing_no_broad_except_around_imports(path):
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
