@@ -12,7 +12,7 @@ import importlib as _importlib
 import sys as _sys
 
 # Engines and helpers, as modules.
-from qetjax import codebooks, combinators, gptq, kmeans, kv, metrics, packing, rotations, swap_tree
+from qetjax import calibration, codebooks, combinators, gptq, kmeans, kv, metrics, packing, rotations, swap_tree
 from qetjax.bench import data
 from qetjax.methods import pvq
 
@@ -59,7 +59,8 @@ del _old, _new
 
 __all__ = [
     # modules
-    "codebooks", "combinators", "data", "gptq", "kmeans", "kv", "metrics", "packing", "pvq", "rotations", "swap_tree",
+    "calibration", "codebooks", "combinators", "data", "gptq", "kmeans", "kv", "metrics", "packing", "pvq", "rotations",
+    "swap_tree",
     # the core abstraction
     "METHODS", "QuantizedArray", "Quantizer", "Spec", "bits", "dequantize", "encode_with", "fit", "for_budget",
     "quantize", "quantize_batch", "residual", "stored_bits",
