@@ -293,6 +293,97 @@ def check_storage_dtype(name: str, value: Any) -> str:
     return dtype
 
 
+def check_key(key: Any, name: str = "key") -> Array:
+    """Validates a PRNG key: a typed key ``jax.random.key(seed)`` (shape ``()``) or a legacy
+    ``uint32[2]`` key from ``jax.random.PRNGKey``; returns it.
+
+    Raises:
+      TypeError: anything else (an int seed, ``None``, a string, a float array, a batch of keys).
+    """
+    if isinstance(key, (jax.Array, np.ndarray)):
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
+            return key
+        if key.dtype == np.uint32 and key.shape == (2,):
+            return jnp.asarray(key)
+        desc = f"{key.dtype}{list(key.shape)}"
+    else:
+        desc = type(key).__name__
+    raise TypeError(f"{name} must be one PRNG key such as jax.random.key(0), got {desc}")
+
+
+SAFE_MAGNITUDE = (2.0**-32, 2.0**32)
+"""The largest magnitude of the data :func:`quantize` accepts lies in this range (or the data is
+all zeros): far inside float32, so the methods' squares, sums and distances cannot overflow or
+underflow. Scale data outside it by a power of two (exact) and scale the decoded result back."""
+
+HALF_SAFE_MAGNITUDE = (2.0**-6, 2.0**14)
+"""Data whose largest magnitude lies outside this range is quantized with every float16/bfloat16
+storage argument of the quantizer (``*_dtype``) set to ``"float32"``: codebooks, scales and zeros
+near or above 65504, or in float16's subnormal range, are kept exactly (and counted in the bits)."""
+
+
+def _max_magnitude(x: Array) -> float:
+    return float(jnp.max(jnp.abs(x))) if not isinstance(x, jax.core.Tracer) else 1.0
+
+
+def _check_magnitude(x: Array, name: str) -> float:
+    m = _max_magnitude(x)
+    low, high = SAFE_MAGNITUDE
+    if m > high or 0 < m < low:
+        raise ValueError(
+            f"{name} has largest magnitude {m:.3g}, outside [{low:.3g}, {high:.3g}] (2^-32 to 2^32) where quantizers "
+            f"compute without overflow or underflow; multiply {name} by a power of two (exact) and divide the decoded "
+            "result by it"
+        )
+    return m
+
+
+def _widened_spec(spec: Spec) -> Spec:
+    """``spec`` with every float16/bfloat16 storage argument (``*_dtype``) set to float32, recursively."""
+
+    def widen(key: str, v: Any) -> Any:
+        if isinstance(v, Spec):
+            return _widened_spec(v)
+        if isinstance(v, tuple):
+            return tuple(widen(key, e) for e in v)
+        return "float32" if key.endswith("_dtype") and v in ("float16", "bfloat16") else v
+
+    return Spec(spec.name, tuple((k, widen(k, v)) for k, v in spec.args))
+
+
+def _half_unsafe(m: float) -> bool:
+    return m != 0 and not HALF_SAFE_MAGNITUDE[0] <= m <= HALF_SAFE_MAGNITUDE[1]
+
+
+def _all_finite(tree: Any) -> bool:
+    """Whether every float leaf of ``tree`` is finite (``True`` under tracing, where it cannot be known)."""
+    leaves = [a for a in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    if any(isinstance(a, jax.core.Tracer) for a in leaves):
+        return True
+    return not leaves or bool(jnp.all(jnp.stack([jnp.isfinite(a).all() for a in leaves])))
+
+
+def _storage_for(q: Quantizer, m: float) -> Quantizer:
+    """``q``, or ``q`` with float32 storage when data of largest magnitude ``m`` needs it."""
+    return from_spec(_widened_spec(q.spec)) if _half_unsafe(m) else q
+
+
+def _run_finite(q: Quantizer, m: float, run: Callable[[Quantizer], Any], name: str) -> tuple[Quantizer, Any]:
+    """``run(q)``, redone with float32 storage if it stored a non-finite value; never returns NaN/Inf."""
+    out = run(q)
+    if _all_finite(out):
+        return q, out
+    wide = from_spec(_widened_spec(q.spec))
+    if wide is not q:
+        out = run(wide)
+        if _all_finite(out):
+            return wide, out
+    raise ValueError(
+        f"{q.spec.name} cannot hold {name} (largest magnitude {m:.3g}): a stored value is not finite even with float32 "
+        f"storage; scale {name} by a power of two towards 1 (exact) and divide the decoded result by it"
+    )
+
+
 # --------------------------------------------------------------------------- quantized arrays
 
 
@@ -367,49 +458,120 @@ def _decode(q: Quantizer, params: Any, codes: Any) -> Array:
 def quantize(q: Quantizer, key: PRNGKey, x: Any) -> QuantizedArray:
     """Fits ``q`` to the matrix ``x`` and encodes it (jit-compiled).
 
+    Data whose largest magnitude float16 cannot represent with room to spare (outside
+    :data:`HALF_SAFE_MAGNITUDE`) is quantized with float32 storage instead of float16/bfloat16
+    (the result's spec says so, and the bits count it); a result that would store a NaN or Inf
+    is redone that way too, or refused: the decoded array is never NaN for finite input.
+
     Args:
       q: a quantizer from a registered constructor, e.g. ``qetjax.pq(4, 256)``.
       key: a PRNG key (``jax.random.key``); results are deterministic given it.
-      x: a 2-D floating-point array (fp16/bf16 are computed in float32).
+      x: a 2-D floating-point array (fp16/bf16 are computed in float32), finite, with largest
+        magnitude in :data:`SAFE_MAGNITUDE` (or all zeros).
 
     Returns:
       A :class:`QuantizedArray`.
+
+    Raises:
+      TypeError: ``q`` is not a registered quantizer, ``key`` not a PRNG key, ``x`` not a float array.
+      ValueError: ``x`` is not 2-D, empty, holds NaN/Inf or values outside :data:`SAFE_MAGNITUDE`.
 
     Example:
         >>> qa = quantize(qetjax.pq(4, 16), jax.random.key(0), x)
     """
     x32, dtype = _prepare(q, x)
-    params, codes = _fit_encode(q, key, x32)
+    key = check_key(key)
+    m = _check_magnitude(x32, "x")
+    q, (params, codes) = _run_finite(_storage_for(q, m), m, lambda qq: _fit_encode(qq, key, x32), "x")
     return QuantizedArray(params, codes, q.spec, tuple(x32.shape), dtype)
 
 
 def fit(q: Quantizer, key: PRNGKey, x: Any) -> Any:
-    """Fits shared state once (codebooks, rotations) on calibration data ``x``."""
+    """Fits shared state once (codebooks, rotations) on calibration data ``x``.
+
+    Storage is chosen from ``x`` as in :func:`quantize`; :func:`encode_with` recognises params
+    fitted with float32 storage.
+    """
     x32, _ = _prepare(q, x)
-    return jax.jit(q.fit)(key, x32)
+    key = check_key(key)
+    m = _check_magnitude(x32, "x")
+    return _run_finite(_storage_for(q, m), m, lambda qq: jax.jit(qq.fit)(key, x32), "x")[1]
+
+
+@functools.lru_cache(maxsize=256)
+def _fit_structure(q: Quantizer, shape: tuple[int, ...]) -> tuple[Any, list]:
+    """Treedef and leaves of ``q.fit`` on ``shape``; leaves whose shape depends on the rows have ``None``."""
+    fit_on = lambda n: jax.eval_shape(q.fit, jax.random.key(0), jax.ShapeDtypeStruct((n,) + shape[1:], jnp.float32))  # noqa: E731
+    want, other = fit_on(shape[0]), fit_on(shape[0] + 1)
+    leaves, treedef = jax.tree_util.tree_flatten(want)
+    rows_free = [w.shape == o.shape for w, o in zip(leaves, jax.tree_util.tree_leaves(other))]
+    return treedef, [(w.shape if free else None, w.dtype) for w, free in zip(leaves, rows_free)]
+
+
+def _params_match(q: Quantizer, params: Any, shape: tuple[int, ...]) -> str | None:
+    """``None`` if ``params`` have the structure ``q.fit`` gives on ``shape``, else what differs.
+
+    Shapes that depend on the number of rows (per-row params) are left to the method's own check.
+    """
+    want_def, want = _fit_structure(q, shape)
+    got_leaves, got_def = jax.tree_util.tree_flatten(params)
+    if want_def != got_def:
+        return f"q.fit gives {want_def}, params are {got_def}"
+    for i, ((w_shape, w_dtype), g) in enumerate(zip(want, got_leaves)):
+        if not hasattr(g, "shape") or jnp.dtype(g.dtype) != w_dtype or (w_shape is not None and tuple(g.shape) != w_shape):
+            got = f"{g.dtype}{list(g.shape)}" if hasattr(g, "shape") else type(g).__name__
+            return f"array {i}: q.fit gives {w_dtype}{list(w_shape) if w_shape is not None else ''}, params hold {got}"
+    return None
 
 
 def encode_with(q: Quantizer, params: Any, x: Any) -> QuantizedArray:
     """Encodes new data with already fitted ``params`` (fit once, encode many).
+
+    Raises:
+      ValueError: ``params`` do not come from ``q`` (another method or configuration) or were
+        fitted on data of another width, or the usual checks of ``x``.
 
     Example:
         >>> params = fit(q, key, calibration)
         >>> qa = encode_with(q, params, new_rows)
     """
     x32, dtype = _prepare(q, x)
-    return QuantizedArray(params, _encode(q, params, x32), q.spec, tuple(x32.shape), dtype)
+    m = _check_magnitude(x32, "x")
+    candidates = [q] + [w for w in [from_spec(_widened_spec(q.spec))] if w is not q]
+    mismatch = None
+    for qq in candidates:
+        mismatch = _params_match(qq, params, tuple(x32.shape))
+        if mismatch is None:
+            q = qq
+            break
+    if mismatch is not None:
+        raise ValueError(
+            f"params do not fit {q.spec.name} on x of shape {tuple(x32.shape)} ({mismatch}); pass the params that "
+            "qetjax.fit(q, key, calibration) returned for this q and data of this width"
+        )
+    codes = _encode(q, params, x32)
+    if not _all_finite(codes):
+        raise ValueError(
+            f"encoding x (largest magnitude {m:.3g}) with these params stores a non-finite value; fit the params on data "
+            "of the same range (qetjax.fit chooses float32 storage for it)"
+        )
+    return QuantizedArray(params, codes, q.spec, tuple(x32.shape), dtype)
 
 
 def quantize_batch(q: Quantizer, key: PRNGKey, xs: Any) -> QuantizedArray:
     """Quantizes a stack of matrices ``xs[b, n, d]`` in one vmapped call.
 
-    Each matrix gets its own fitted params and the key ``fold_in(key, i)``.
+    Each matrix gets its own fitted params and the key ``fold_in(key, i)``; storage is chosen
+    from the whole stack as in :func:`quantize`.
     """
     _check_quantizer(q)
     x32 = check_matrix(xs, "xs", ndim=3)
+    key = check_key(key)
+    m = _check_magnitude(x32, "xs")
     dtype = jnp.dtype(jax.dtypes.canonicalize_dtype(xs.dtype)).name
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(xs.shape[0]))
-    params, codes = jax.vmap(lambda k, x: _fit_encode(q, k, x))(keys, x32)
+    run = lambda qq: jax.vmap(lambda k, x: _fit_encode(qq, k, x))(keys, x32)  # noqa: E731
+    q, (params, codes) = _run_finite(_storage_for(q, m), m, run, "xs")
     return QuantizedArray(params, codes, q.spec, tuple(x32.shape[1:]), dtype, (xs.shape[0],))
 
 
@@ -436,7 +598,12 @@ def bits(qa: QuantizedArray) -> dict[str, int]:
     ``qa.codes`` (size times dtype width), grouped by the name of the field that
     holds them (``codes``, ``codebook``, ``indicators``, ``scales``, ...).
     Static configuration (shape, dtype, spec) is not counted.
+
+    Raises:
+      TypeError: ``qa`` is not a :class:`QuantizedArray` (for a tree, use :func:`qetjax.tree.tree_bits`).
     """
+    if not isinstance(qa, QuantizedArray):
+        raise TypeError(f"qa must be a QuantizedArray, got {type(qa).__name__} (for a tree use qetjax.tree.tree_bits)")
     counts: dict[str, int] = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path((qa.params, qa.codes)):
         name = _component(path)
@@ -452,7 +619,12 @@ def stored_bits(q: Quantizer, shape: tuple[int, int]) -> int:
     counts) and cheap (nothing is computed); results are cached per
     ``(q, shape)``.
     """
-    return _stored_bits(q, tuple(int(s) for s in shape))
+    if not isinstance(q, Quantizer):
+        raise TypeError(f"q must be a Quantizer, got {type(q).__name__}")
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or len(shape) != 2:
+        raise ValueError(f"shape must be a 2-D shape such as (4096, 512), got {shape!r}")
+    sizes = tuple(check_int(f"shape[{i}]", s, 1) for i, s in enumerate(shape))
+    return _stored_bits(q, sizes)
 
 
 @functools.lru_cache(maxsize=4096)

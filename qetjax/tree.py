@@ -10,7 +10,8 @@ keep the leaf as it is. Paths are the ``"/"``-joined keys of the leaf, e.g.
 * a single ``Quantizer``: every 2-D floating leaf.
 
 Rules and the single-quantizer form skip leaves of rank < 2 (biases, norms, scalars) and
-non-floating leaves. Rank errors are not skipped silently: a policy that gives a quantizer to
+non-floating leaves; the single-quantizer form also keeps leaves of rank > 2 (conv kernels) as they
+are, with a warning naming each. Rank errors are not skipped silently: a policy that gives a quantizer to
 a leaf that is not 2-D (a function returning one for a bias, a rule matching a 4-D conv
 kernel) raises a ``ValueError`` naming the path and shape; the quantizer's own input errors
 (integer leaves, NaN) are re-raised with the path prepended. A rule that matches no leaf, or
@@ -41,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 import zlib
@@ -130,10 +132,20 @@ class _Rules:
                 warnings.warn(f"policy rule {pattern.pattern!r} matches no quantizable leaf", stacklevel=3)
 
 
+def _single(q: Quantizer, path: str, leaf: Any) -> Quantizer | None:
+    """The single-quantizer policy: ``q`` for 2-D floating leaves; others kept (with a warning if >2-D)."""
+    if not _quantizable(leaf):
+        return None
+    if leaf.ndim > 2:
+        warnings.warn(f"{path!r} of shape {tuple(leaf.shape)} is kept as it is: quantizers take 2-D leaves", stacklevel=4)
+        return None
+    return q
+
+
 def as_policy(policy: Policy) -> PolicyFn:
     """Normalises the three policy forms to a function ``(path, leaf) -> Quantizer | None``."""
     if isinstance(policy, Quantizer):
-        return lambda path, leaf: policy if _quantizable(leaf) else None
+        return functools.partial(_single, policy)
     if callable(policy):
         return policy
     if isinstance(policy, Sequence) and not isinstance(policy, str):

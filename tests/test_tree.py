@@ -90,6 +90,16 @@ def test_path_str():
     assert [path_str(p) for p, _ in leaves] == ["a/0", "a/1/b"]
 
 
+def test_single_quantizer_keeps_3d_and_4d_leaves_with_a_warning():
+    w = jax.random.normal(jax.random.key(0), (16, 8))
+    params = {"w": w, "conv3": jnp.ones((3, 8, 4)), "conv4": jnp.ones((3, 3, 4, 4)), "b": jnp.zeros(8)}
+    with pytest.warns(UserWarning) as record:
+        out = qetjax.quantize_tree(jax.random.key(1), params, qetjax.rtn(4), progress=False)
+    assert sorted(str(r.message).split("'")[1] for r in record) == ["conv3", "conv4"]
+    assert isinstance(out["w"], qetjax.QuantizedArray)
+    assert all(out[k] is params[k] for k in ("conv3", "conv4", "b"))
+
+
 def test_bad_input():
     params = _params()
     with pytest.warns(UserWarning, match="nothing_here"):
