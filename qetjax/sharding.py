@@ -1,8 +1,7 @@
 """Quantizing on a device mesh, and across processes with ``jax.distributed``.
 
 One leaf is split over the devices of one mesh axis where its method allows it, so that
-each device holds and works on a share of it; the result equals :func:`qetjax.quantize`
-on one device (bit for bit) where the split work is done in the same order:
+each device holds and works on a share of it:
 
 * **rows** (``encode``): every registered method of :data:`ROW_METHODS` encodes each row
   on its own given the fitted params (RTN per row or group, Lloyd-Max, PQ, PVQ, trellis),
@@ -13,26 +12,31 @@ on one device (bit for bit) where the split work is done in the same order:
   (``jax.eval_shape`` at ``n``, ``n / devices`` and ``32 n / devices`` rows): every code
   leaf must grow with the rows, and a device's share of a packed bit stream must fill
   whole ``uint32`` words (else the split is refused, see below).
-* **fit over rows**: the params of a row method are fitted by ``jax.jit`` with the
-  matrix split over rows (XLA partitions the work: PVQ's projection of every group, the
-  row scales); global statistics (PVQ's Lloyd gain levels, trellis' RMS) are then
-  reduced by XLA across devices.
+* **fit**: PVQ's fit (the projection of every group, then Lloyd gain levels) runs under
+  ``jax.jit`` on the row-split matrix, partitioned by XLA; the cheap fits of RTN,
+  Lloyd-Max and trellis (global statistics such as trellis' RMS) run replicated, i.e.
+  exactly as on one device.
 * **subspaces** (``fit``): PQ with one codebook per column group fits ``S / devices``
   codebooks per device, with the subspace keys that one fit of all ``S`` would use
   (:func:`qetjax.kmeans.subspace_keys`), then encodes over rows.
 * **points** (``fit``): PQ with one shared codebook runs k-means with the training
   points split over devices: each Lloyd step sums its points per cluster and the partial
   sums are reduced by ``psum`` (:func:`qetjax.kmeans.lloyd` with ``axis_name``). The
-  k-means++ seeding and the subsample are computed once, replicated. Float sums taken in
-  another order round differently, so the centroids are *not* bit-identical to one
-  device's; the training error is (tested: within 1% relative).
+  k-means++ seeding and the subsample are computed once, replicated.
 * **GPTQ** (:func:`gptq_quantize`): the Hessian ``X^T X / N`` is accumulated from
   calibration inputs split over the data axis (samples padded with zero rows, which add
   nothing) and reduced by ``psum``; the column-sequential compensation then runs on
-  rows split over the same axis (each row's updates use only that row). With the same
-  Hessian the codes equal :func:`qetjax.gptq.quantize`'s exactly (tested on inputs whose
-  products sum exactly); a ``psum`` in another order than one device's matrix product
-  changes the Hessian by float rounding (tested as a bound on the layer-output error).
+  rows split over the same axis (each row's updates use only that row).
+
+What equals one device, bit for bit: RTN, Lloyd-Max and PQ by subspaces (only exact
+integer and elementwise work depends on the share); GPTQ given the same Hessian (tested
+on inputs whose products sum exactly, in any order). What does not, in general: XLA
+compiles a share of rows as a different shape, and may vectorize a float reduction over
+it in another order, so PVQ's and trellis' searches can resolve a near-tie differently
+(measured: 1 group in 13,824 of a SmolLM2 ``k_proj`` at PVQ D=8, K=4; tested as a bound
+on the fraction of differing groups); the ``psum`` of k-means' partial sums and of the
+Hessian rounds in another order than one device's sums (tested: training error and
+GPTQ's layer-output error within 1% of one device's).
 
 Shapes that do not split (rows not divisible by the devices, a share of a packed stream
 that ends inside a word, a method that couples rows) are refused by
@@ -44,6 +48,8 @@ leaf whole on one device of the mesh instead, the devices taken in turn.
 by the devices is split along it (codes and per-row side information like the rows of
 the weights they replace, PQ codebooks by subspace), the others are replicated; a jitted
 forward pass on the placed tree (``dequantize_tree`` inside ``jit``) runs on all devices.
+Decoding a split array is partitioned by XLA too, so decoded floats may differ from one
+device's in the last bit.
 
 Several processes: after ``jax.distributed.initialize`` (on CPU with
 ``jax.config.update("jax_cpu_collectives_implementation", "gloo")``), build the mesh from
@@ -86,6 +92,8 @@ from qetjax.core import PRNGKey, QuantizedArray, Quantizer, _prepare, check_int,
 
 # Methods whose encode handles each row on its own, given the params, and stores row-major.
 ROW_METHODS = frozenset({"rtn", "lloyd_max", "pq", "pvq", "trellis"})
+# Row methods whose (expensive) fit runs partitioned over rows; the others fit replicated.
+_ROW_FIT = frozenset({"pvq"})
 _WORD = 32  # bits of a packed word: a device's share of a stream must fill whole words
 
 
@@ -93,8 +101,9 @@ class Plan(NamedTuple):
     """How :func:`quantize_sharded` splits a leaf.
 
     Attributes:
-      fit: ``"rows"`` (``jit`` over the row-split matrix), ``"subspaces"`` (PQ codebooks
-        per device) or ``"points"`` (k-means with ``psum``-reduced sums).
+      fit: ``"rows"`` (``jit`` over the row-split matrix), ``"replicated"`` (every device
+        fits the whole matrix, as one device would), ``"subspaces"`` (PQ codebooks per
+        device) or ``"points"`` (k-means with ``psum``-reduced sums).
       encode: ``"rows"``.
       devices: size of the mesh axis split over.
     """
@@ -247,6 +256,8 @@ def plan(q: Quantizer, shape: tuple[int, int], mesh: Mesh, axis: str | None = No
     Example:
         >>> plan(qetjax.pq(4, 256), (4096, 512), jax.make_mesh((8,), ("data",)))
         Plan(fit='subspaces', encode='rows', devices=8)
+        >>> plan(qetjax.rtn(4), (4096, 512), jax.make_mesh((8,), ("data",)))
+        Plan(fit='replicated', encode='rows', devices=8)
     """
     if not isinstance(q, Quantizer) or q.spec is None:
         raise TypeError(f"q must be a Quantizer built by a registered constructor, got {type(q).__name__}")
@@ -261,7 +272,7 @@ def plan(q: Quantizer, shape: tuple[int, int], mesh: Mesh, axis: str | None = No
             f"splittable: {sorted(ROW_METHODS)}"
         )
     _row_specs(q, shape, devices, axis)
-    fit = "rows"
+    fit = "rows" if q.spec.name in _ROW_FIT else "replicated"
     if q.spec.name == "pq":
         fit = "points" if _args(q)["shared_codebook"] else "subspaces"
         if fit == "subspaces":
@@ -400,16 +411,29 @@ def _shardings(mesh: Mesh, treedef: Any, specs: tuple) -> Any:
 
 
 @functools.lru_cache(maxsize=256)
-def _fit_rows_fn(q: Quantizer, mesh: Mesh, impl: Any, treedef: Any, specs: tuple) -> Any:
-    return jax.jit(lambda kd, x: q.fit(jax.random.wrap_key_data(kd, impl=impl), x),
-                   out_shardings=_shardings(mesh, treedef, specs))
+def _fit_rows_fn(q: Quantizer, mesh: Mesh, impl: Any, treedef: Any, specs: tuple, replicated: bool) -> Any:
+    whole = NamedSharding(mesh, P())
+    out = _shardings(mesh, treedef, specs)
+    if not replicated:
+        return jax.jit(lambda kd, x: q.fit(jax.random.wrap_key_data(kd, impl=impl), x), out_shardings=out), None
+
+    # All of the fit replicated (a split output would propagate back into its reductions),
+    # then the per-row params sliced to their devices.
+    def fit(kd: jax.Array, x: jax.Array) -> Any:
+        return q.fit(jax.random.wrap_key_data(kd, impl=impl), jax.lax.with_sharding_constraint(x, whole))
+
+    fit_whole = jax.jit(fit, out_shardings=_shardings(mesh, treedef, (P(),) * len(specs)))
+    return fit_whole, jax.jit(lambda params: params, out_shardings=out)
 
 
-def _fit_rows(q: Quantizer, key: PRNGKey, x: jax.Array, mesh: Mesh, axis: str, specs: list[P]) -> Any:
-    """``q.fit`` under ``jit`` on the row-split ``x``; per-row params come out split."""
+def _fit_rows(q: Quantizer, key: PRNGKey, x: jax.Array, mesh: Mesh, specs: list[P], replicated: bool) -> Any:
+    """``q.fit`` under ``jit`` on the row-split ``x`` (or on all of it on every device,
+    ``replicated``); per-row params come out split."""
     treedef = jax.tree_util.tree_structure(jax.eval_shape(q.fit, key, jax.ShapeDtypeStruct(x.shape, jnp.float32)))
     data, impl = _key_data(key)
-    return _run(_fit_rows_fn(q, mesh, impl, treedef, tuple(specs)), mesh, _put(data, mesh, P()), x)
+    fit, split_rows = _fit_rows_fn(q, mesh, impl, treedef, tuple(specs), replicated)
+    params = _run(fit, mesh, _put(data, mesh, P()), x)
+    return params if split_rows is None else _run(split_rows, mesh, params)
 
 
 @functools.lru_cache(maxsize=256)
@@ -477,7 +501,7 @@ def _fit(q: Quantizer, p: Plan, key: PRNGKey, xs: jax.Array, mesh: Mesh, axis: s
         return _fit_subspaces(q, key, xs, mesh, axis, p.devices)
     if p.fit == "points":
         return _fit_points(q, key, xs, mesh, axis, p.devices)
-    return _fit_rows(q, key, xs, mesh, axis, _row_specs(q, tuple(xs.shape), p.devices, axis)[0])
+    return _fit_rows(q, key, xs, mesh, _row_specs(q, tuple(xs.shape), p.devices, axis)[0], p.fit == "replicated")
 
 
 # --------------------------------------------------------------------------- encode
