@@ -193,6 +193,61 @@ def _bench_table(runs: dict[str, list[dict]], methods: list[str]) -> str:
     return "\n".join(rows)
 
 
+# Projection to real devices (see BENCHMARKS.md, "Sharding"): per device bandwidth (bytes/s) and
+# per-hop latency (s) of a ring collective, for 8 devices on one host and 64 over 8 hosts.
+LINKS = {8: (100e9, 5e-6), 64: (25e9, 10e-6)}
+
+
+def replicated_seconds(method: str, leaves: list, quick: bool, samples: int) -> float:
+    """One device's compiled time of the parts :mod:`qetjax.sharding` does not split: GPTQ's
+    damped inverse Cholesky factor, shared-codebook PQ's subsample and k-means++ seeding."""
+    import functools
+
+    import jax
+
+    from qetjax import gptq, kmeans
+    from qetjax.codebooks import split
+
+    total = 0.0
+    for path, w in leaves:
+        q = _quantizer(method, w.shape, quick)
+        if method == "gptq":
+            h = gptq.hessian(_calibration(path, w.shape[1], samples))
+            fn, args = jax.jit(gptq.inverse_cholesky, static_argnums=1), (h, 0.01)
+        elif method == "pq-shared":
+            a = dict(q.spec.args)
+            fn = jax.jit(functools.partial(kmeans.seed, k=a["num_centroids"], init=a["init"],
+                                           max_points_per_centroid=a["max_points_per_centroid"]))
+            args = (jax.random.key(0), split(jax.numpy.asarray(w), a["subvector_dim"]).reshape(1, -1, a["subvector_dim"]))
+        else:
+            continue
+        jax.block_until_ready(fn(*args))
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        total += time.perf_counter() - start
+    return total
+
+
+def projections(runs: dict, methods: list[str], replicated: dict[str, float]) -> str:
+    """Projected seconds on 8 and 64 real devices from one device's compiled time ``T1``, the
+    unsplit part ``R``, and the collectives counted on 8 simulated devices (bytes ``C``, calls ``S``):
+    ``(T1 - R) / N + R + C_N / bandwidth + S * 2 (N - 1) * hop latency``, ``C_64 = C_8 * (63/64) / (7/8)``."""
+    one = runs["1 device"][0]["methods"]
+    sim = runs["8 simulated devices, 1 process"][0]["methods"]
+    rows = ["| method | T1, 1 device (s) | unsplit R (s) | C per device (MiB) | collective calls | "
+            "projected 8 devices (s) | speedup | projected 64 devices (s) | speedup |", "|---|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        t1, r = one[m]["second_s"], replicated.get(m, 0.0)
+        c8, steps = sim[m]["comm_per_device"], sim[m]["comm_steps"]
+        cells = []
+        for n, (bandwidth, hop) in LINKS.items():
+            c = c8 * ((n - 1) / n) / (7 / 8)
+            t = (t1 - r) / n + r + c / bandwidth + steps * 2 * (n - 1) * hop
+            cells += [f"{t:.3f}", f"{t1 / t:.1f}x"]
+        rows.append(f"| {m} | {t1:.3f} | {r:.3f} | {c8 / 2**20:.2f} | {steps} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=2)
@@ -203,6 +258,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small configurations (CI)")
     parser.add_argument("--bench", action="store_true", help="also one device and 8 simulated devices; a table")
     parser.add_argument("--timeout", type=float, default=3000)
+    parser.add_argument("--project", metavar="JSON", help="print the projections from a saved --bench JSON line")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--role", default="distributed", help=argparse.SUPPRESS)
     parser.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
@@ -216,6 +272,13 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
+    if args.project:
+        with open(args.project) as f:
+            runs = json.loads(f.read().splitlines()[-1])
+        leaves = _leaves(args.model, args.layers)
+        replicated = {m: replicated_seconds(m, leaves, args.quick, args.samples) for m in args.methods}
+        print(projections(runs, args.methods, replicated))
+        return
     args.check = not args.bench
     runs = {}
     if args.bench:
@@ -224,6 +287,9 @@ def main() -> None:
     runs[f"{args.processes} processes x 1 device"] = _launch(args, "distributed", args.processes, 1)
     if args.bench:
         print(_bench_table(runs, args.methods))
+        leaves = _leaves(args.model, args.layers)
+        print(projections(runs, args.methods, {m: replicated_seconds(m, leaves, args.quick, args.samples)
+                                               for m in args.methods}))
         print(json.dumps(runs))
         return
     reports = runs[f"{args.processes} processes x 1 device"]
