@@ -502,9 +502,12 @@ def fit(q: Quantizer, key: PRNGKey, x: Any) -> Any:
 def _fit_structure(q: Quantizer, shape: tuple[int, ...]) -> tuple[Any, list]:
     """Treedef and leaves of ``q.fit`` on ``shape``; leaves whose shape depends on the rows have ``None``."""
     fit_on = lambda n: jax.eval_shape(q.fit, jax.random.key(0), jax.ShapeDtypeStruct((n,) + shape[1:], jnp.float32))  # noqa: E731
-    want, other = fit_on(shape[0]), fit_on(shape[0] + 1)
+    want = fit_on(shape[0])
     leaves, treedef = jax.tree_util.tree_flatten(want)
-    rows_free = [w.shape == o.shape for w, o in zip(leaves, jax.tree_util.tree_leaves(other))]
+    try:
+        rows_free = [w.shape == o.shape for w, o in zip(leaves, jax.tree_util.tree_leaves(fit_on(shape[0] + 1)))]
+    except ValueError:  # one more row is not a valid shape (rows are groups of a transposed quantizer)
+        rows_free = [False] * len(leaves)
     return treedef, [(w.shape if free else None, w.dtype) for w, free in zip(leaves, rows_free)]
 
 
