@@ -20,7 +20,6 @@ import numpy as np
 
 from qetjax.core import METHODS, Quantizer, stored_bits
 
-
 MAX_BITS_PER_ELEMENT = 1024.0
 """The largest budget :func:`for_budget` accepts (far above any float storage: a guard against typos)."""
 

@@ -267,7 +267,9 @@ def _unflatten(expected: Any, arrays: list, where: str) -> Any:
         raise ValueError(f"{where}: the spec expects {len(leaves)} arrays, the file holds {len(arrays)}")
     for i, (want, got) in enumerate(zip(leaves, arrays)):
         if got.shape != want.shape or got.dtype != want.dtype:
-            raise ValueError(f"{where}[{i}]: expected {want.dtype}{list(want.shape)} from the spec, got {got.dtype}{list(got.shape)}")
+            raise ValueError(
+                f"{where}[{i}]: expected {want.dtype}{list(want.shape)} from the spec, got {got.dtype}{list(got.shape)}"
+            )
     return jax.tree_util.tree_unflatten(treedef, [_device(a) for a in arrays])
 
 

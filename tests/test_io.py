@@ -39,8 +39,7 @@ def test_round_trip_bit_exact(qtree, tmp_path):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert isinstance(back["layers"][1], tuple) and back["empty"] is None
-    for a, b in zip(jax.tree_util.tree_leaves(qetjax.dequantize_tree(qtree)), jax.tree_util.tree_leaves(qetjax.dequantize_tree(back))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(qetjax.dequantize_tree(qtree), qetjax.dequantize_tree(back))
 
 
 def test_size_matches_bits(qtree, tmp_path):

@@ -5,8 +5,10 @@ weights (``d`` must be a multiple of ``D``; nothing is padded). A group ``x_g``
 is projected onto ``S(D, K)`` (``K = pulses``) giving ``y``; its shape is
 ``u = y / ||y||`` and its gain the projection ``g = <x_g, u>``. Stored:
 
-- ``codes``: the index of ``y`` in ``[0, V(D, K))``, ``ceil(log2 V)`` bits per
-  group, bit-packed (:func:`qetjax.packing.pack_limbs`);
+- ``codes``: with ``index="joint"`` (default), the exact index of ``y`` in ``[0, V(D, K))``,
+  ``ceil(log2 V)`` bits per group, bit-packed (:func:`qetjax.packing.pack_limbs`); with
+  ``index="split"``, the split code of :mod:`~qetjax.methods.pvq.split` (``W(D, K)`` bits per
+  group, a few more than ``ceil(log2 V)``), which decodes with 32-bit integer work only;
 - ``gains``: a ``gain_bits``-bit level index per group, bit-packed;
 - ``scales``: float16 gain scale (maximum gain) per row (``gain_scale="row"``)
   or one per tensor (``"tensor"``), fitted (params);
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 
 from qetjax import packing
 from qetjax.budget import budget_bits
+from qetjax.combinators import transformed
 from qetjax.core import (
     Quantizer,
     check_int,
@@ -48,9 +51,10 @@ from qetjax.core import (
     static_field,
     stored_bits,
 )
-from qetjax.combinators import transformed
-from qetjax.methods.pvq import enumeration, gains as gain_lib, projection
+from qetjax.methods.pvq import enumeration, projection
+from qetjax.methods.pvq import gains as gain_lib
 from qetjax.rotations import hadamard_block, hadamard_transform
+from qetjax.methods.pvq import split
 
 GAIN_SCALES = ("row", "tensor")
 MAX_PULSES = 16384
@@ -151,10 +155,22 @@ def _normalized(g: jax.Array, scales: jax.Array) -> jax.Array:
     return jnp.where(s > 0, g / jnp.where(s > 0, s, 1.0), 0.0)
 
 
+INDEXES = ("joint", "split")
+
+
+def shape_bits(group_size: int, pulses: int, index: str = "joint") -> int:
+    """Stored bits of one group's shape code with ``index="joint"`` or ``"split"``."""
+    if index == "split":
+        return split.split_bits(group_size, pulses)
+    return enumeration.index_bits(group_size, pulses)
+
+
 def _pvq(group_size: int, pulses: int, gain_bits: int, projection_method: str, gains: str,
-         gain_scale: str, scale_dtype: str) -> Quantizer:
+         gain_scale: str, scale_dtype: str, index: str = "joint") -> Quantizer:
     tables = lambda: enumeration.graph_tables(group_size, pulses)
     width = enumeration.index_bits(group_size, pulses)
+    if index == "split":
+        return _pvq_split(group_size, pulses, gain_bits, projection_method, gains, gain_scale, scale_dtype)
 
     def fit(key: jax.Array, x: jax.Array) -> PVQParams:
         g = _gains(x, group_size, pulses, projection_method)
@@ -198,6 +214,35 @@ def _pvq(group_size: int, pulses: int, gain_bits: int, projection_method: str, g
     return Quantizer(fit, encode, decode)
 
 
+def _pvq_split(group_size: int, pulses: int, gain_bits: int, projection_method: str, gains: str,
+               gain_scale: str, scale_dtype: str) -> Quantizer:
+    """:func:`_pvq` with the shapes stored as split codes (:mod:`~qetjax.methods.pvq.split`)."""
+    joint = _pvq(group_size, pulses, gain_bits, projection_method, gains, gain_scale, scale_dtype)
+
+    def encode(params: PVQParams, x: jax.Array) -> PVQCodes:
+        if gain_scale == "row" and x.shape[0] != params.scales.shape[0]:
+            raise ValueError(
+                f"x has {x.shape[0]} rows but the params were fitted on {params.scales.shape[0]}; "
+                'use gain_scale="tensor" to encode other rows'
+            )
+        n, d = x.shape
+        one = lambda row: _row_shapes_and_gains(row, pulses, projection_method)
+        y, g = jax.lax.map(one, _grouped(x, group_size), batch_size=_row_chunk(n, d, 3))
+        gain_codes = gain_lib.assign(_normalized(g, params.scales), params.codebook.astype(jnp.float32))
+        return PVQCodes(split.encode(y.reshape(-1, group_size), group_size, pulses),
+                        packing.pack(gain_codes.reshape(-1), gain_bits), n, d // group_size)
+
+    def decode(params: PVQParams, codes: PVQCodes) -> jax.Array:
+        count = codes.rows * codes.groups_per_row
+        y = split.decode(codes.codes, count, group_size, pulses).astype(jnp.float32)
+        u = y / jnp.sqrt((y * y).sum(-1, keepdims=True))
+        level = params.codebook.astype(jnp.float32)[packing.unpack(codes.gains, gain_bits, count)]
+        gain = level.reshape(codes.rows, codes.groups_per_row) * params.scales.astype(jnp.float32)[:, None]
+        return (gain[..., None] * u.reshape(codes.rows, codes.groups_per_row, group_size)).reshape(codes.rows, -1)
+
+    return Quantizer(joint.fit, encode, decode)
+
+
 @register_method("pvq")
 def pvq(
     group_size: int,
@@ -208,6 +253,7 @@ def pvq(
     gains: str = "lloyd",
     gain_scale: str = "row",
     scale_dtype: str = "float16",
+    index: str = "joint",
 ) -> Quantizer:
     """Pyramid vector quantization of groups of ``group_size`` weights along rows.
 
@@ -224,6 +270,10 @@ def pvq(
       gain_scale: ``"row"`` (a maximum gain per row) or ``"tensor"`` (one).
       scale_dtype: storage of the gain scales, ``"float16"`` (up to 65504; :func:`qetjax.quantize`
         switches to ``"float32"`` by itself for data that float16 cannot hold) or ``"float32"``.
+      index: ``"joint"``, the exact enumeration (``ceil(log2 V(D, K))`` bits per group,
+        big-integer decode), or ``"split"`` (:mod:`~qetjax.methods.pvq.split`: a few bits more
+        per group, decoded with 32-bit integer work; needs a power-of-two ``group_size`` and
+        ``pulses <= split.MAX_PULSES``). Both store the same points.
 
     Raises:
       ValueError: an argument out of range, or ``(group_size, pulses)`` whose enumeration tables
@@ -254,7 +304,11 @@ def pvq(
             f"{table_bytes(group_size, pulses) / 2**20:.0f} MiB, more than MAX_TABLE_BYTES = {MAX_TABLE_BYTES / 2**20:.0f} MiB; "
             f"use at most pulses={max_pulses(group_size)} for this group size, or smaller groups"
         )
-    inner = _pvq(group_size, pulses, gain_bits, projection_method, gains, gain_scale, scale_dtype)
+    if index not in INDEXES:
+        raise ValueError(f"index must be one of {INDEXES}, got {index!r}")
+    if index == "split":
+        split.tables(group_size, pulses)  # validates: a power-of-two group_size, pulses <= split.MAX_PULSES
+    inner = _pvq(group_size, pulses, gain_bits, projection_method, gains, gain_scale, scale_dtype, index)
     q = transformed(hadamard_transform(hadamard_block(group_size)), inner) if rotate else inner
     return q._replace(column_group=group_size)  # the rotation stays inside each group
 
@@ -265,13 +319,13 @@ _GAUSSIAN_LLOYD_MSE = (0.3634, 0.1175, 0.03454, 0.009497)  # unit-variance Lloyd
 
 
 def stored_size(shape: tuple[int, int], group_size: int, pulses: int, gain_bits: int, rotate: bool,
-                gain_scale: str, scale_dtype: str = "float16") -> int:
+                gain_scale: str, scale_dtype: str = "float16", index: str = "joint") -> int:
     """Stored bits of ``pvq(...)`` on a matrix of ``shape`` (the hand formula; tested equal to ``qetjax.bits``)."""
     n, d = shape
     groups = n * d // group_size
     words = lambda width: -(-groups * width // 32) * 32
     scales = 8 * jnp.dtype(scale_dtype).itemsize * (n if gain_scale == "row" else 1)
-    return words(enumeration.index_bits(group_size, pulses)) + words(gain_bits) + scales + (16 << gain_bits) + 64 * rotate
+    return words(shape_bits(group_size, pulses, index)) + words(gain_bits) + scales + (16 << gain_bits) + 64 * rotate
 
 
 def model_distortion(group_size: int, pulses: int, gain_bits: int) -> float:
@@ -306,6 +360,7 @@ def pvq_for_budget(
     gains: str = "lloyd",
     gain_scale: str = "row",
     scale_dtype: str = "float16",
+    index: str = "joint",
 ) -> Quantizer:
     """The PVQ configuration with the most pulses that fits the budget.
 
@@ -313,7 +368,9 @@ def pvq_for_budget(
     that fits is found by binary search on the exact size (index bits, gain bits,
     scales, gain levels, seed); among those, the pair with the smallest
     :func:`model_distortion` is returned. Any real budget works: the size is
-    counted exactly, so fractional bits per weight are met by the choice of ``K``.
+    counted exactly, so fractional bits per weight are met by the choice of ``K``. With
+    ``index="split"`` the split code's exact width is counted; as it is never narrower than
+    the joint index, its ``K`` is searched below the joint one (and at most ``split.MAX_PULSES``).
 
     Example:
         >>> q = qetjax.for_budget("pvq", (384, 1536), 3.0, group_size=128)
@@ -323,7 +380,9 @@ def pvq_for_budget(
     limit = budget_bits(shape, bits_per_element)
     widths = [check_int("gain_bits", gain_bits, 1, 16)] if gain_bits is not None else range(1, 9)
     scale_dtype = check_storage_dtype("scale_dtype", scale_dtype)
-    size = lambda k, b: stored_size(shape, group_size, k, b, rotate, gain_scale, scale_dtype)
+    if index not in INDEXES:
+        raise ValueError(f"index must be one of {INDEXES}, got {index!r}")
+    size = lambda k, b, idx=index: stored_size(shape, group_size, k, b, rotate, gain_scale, scale_dtype, idx)
     top = max_pulses(group_size)
     best = None
     for b in widths:
@@ -332,7 +391,14 @@ def pvq_for_budget(
         lo, hi = 1, top
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if size(mid, b) <= limit else (lo, mid - 1)
+            lo, hi = (mid, hi) if size(mid, b, "joint") <= limit else (lo, mid - 1)
+        if index == "split":
+            lo, hi = 1, min(lo, split.MAX_PULSES)
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if size(mid, b) <= limit else (lo, mid - 1)
+            if size(lo, b) > limit:
+                continue
         score = model_distortion(group_size, lo, b)
         if best is None or score < best[0]:
             best = (score, lo, b)
@@ -342,6 +408,6 @@ def pvq_for_budget(
             f"bits_per_element={bits_per_element} is too small for pvq on shape {tuple(shape)} with "
             f"group_size={group_size}: even pulses=1 needs {smallest:.4f}"
         )
-    q = pvq(group_size, best[1], best[2], rotate, projection_method, gains, gain_scale, scale_dtype)
+    q = pvq(group_size, best[1], best[2], rotate, projection_method, gains, gain_scale, scale_dtype, index)
     assert stored_bits(q, shape) == size(best[1], best[2]) <= limit
     return q
