@@ -58,6 +58,7 @@ from qetjax.methods.pvq import split
 
 GAIN_SCALES = ("row", "tensor")
 MAX_PULSES = 16384
+MAX_GROUP_SIZE = 1 << 16
 MAX_TABLE_BYTES = 1 << 30
 """The most memory the enumeration tables of one configuration may take (host and graph tables)."""
 
@@ -286,7 +287,7 @@ def pvq(
     Example:
         >>> q = pvq(group_size=128, pulses=182, gain_bits=4)
     """
-    group_size = check_int("group_size", group_size, 1)
+    group_size = check_int("group_size", group_size, 1, MAX_GROUP_SIZE)
     pulses = check_int("pulses", pulses, 1, MAX_PULSES)
     gain_bits = check_int("gain_bits", gain_bits, 1, 16)
     if not isinstance(rotate, bool):
@@ -375,7 +376,7 @@ def pvq_for_budget(
     Example:
         >>> q = qetjax.for_budget("pvq", (384, 1536), 3.0, group_size=128)
     """
-    group_size = check_int("group_size", group_size, 1)
+    group_size = check_int("group_size", group_size, 1, MAX_GROUP_SIZE)
     _check_width(shape[1], group_size)
     limit = budget_bits(shape, bits_per_element)
     widths = [check_int("gain_bits", gain_bits, 1, 16)] if gain_bits is not None else range(1, 9)
