@@ -105,7 +105,7 @@ def part_projection(quick: bool) -> None:
     rows = []
     for d in (32, 128):
         q0 = qetjax.for_budget("pvq", shape, 3.0, group_size=d, rotate=False, gain_scale="tensor")
-        k = dict(q0.spec.args)["pulses"]
+        k, gb = dict(q0.spec.args)["pulses"], dict(q0.spec.args)["gain_bits"]
         xg = x.reshape(-1, d)
         for m in projection.METHODS:
             fn = jax.jit(lambda v, m=m: projection.project(v, k, m))
