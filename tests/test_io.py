@@ -248,3 +248,12 @@ def test_flax_serialization_round_trip_and_wrong_target():
     wrong = {"w": qetjax.quantize(qetjax.rtn(4), jax.random.key(2), jnp.zeros_like(x)), "b": jnp.zeros(3)}
     with pytest.raises(ValueError, match="quantizer"):
         serialization.from_bytes(wrong, data)
+
+
+@pytest.mark.parametrize("group, pulses, match", [(4096, 16384, "MAX_TABLE_BYTES"), (1024, 16384, "MAX_TABLE_BYTES"),
+                                                  (2**20, 1, "group_size must be in")])
+def test_forged_pvq_spec_refused_before_building_tables(group, pulses, match):
+    content = _quantized_content(qetjax.rtn(4))
+    spec = {"name": "pvq", "args": [["group_size", group], ["pulses", pulses], ["gain_bits", 4]]}
+    with pytest.raises(ValueError, match=match):
+        io.from_bytes(_forge(content, spec=spec, shape=[1, group]))
