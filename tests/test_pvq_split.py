@@ -78,3 +78,41 @@ def test_bad_arguments():
         split.tables(24, 10)
     with pytest.raises(ValueError, match="pulses"):
         split.tables(32, split.MAX_PULSES + 1)
+
+
+def test_quantizer_split_index_stores_the_same_points_in_the_counted_bits():
+    import qetjax
+    from qetjax.methods.pvq import quantizer
+
+    x = jax.random.normal(jax.random.key(0), (5, 96)) * 3.0  # odd row count, 3 groups of 32 per row
+    for group_size, pulses, gain_bits in [(32, 40, 4), (16, 60, 3)]:
+        joint = qetjax.quantize(qetjax.pvq(group_size, pulses, gain_bits), jax.random.key(1), x)
+        split_qa = qetjax.quantize(qetjax.pvq(group_size, pulses, gain_bits, index="split"), jax.random.key(1), x)
+        np.testing.assert_array_equal(np.asarray(qetjax.dequantize(split_qa)), np.asarray(qetjax.dequantize(joint)))
+        expected = quantizer.stored_size(x.shape, group_size, pulses, gain_bits, True, "row", index="split")
+        assert qetjax.bits(split_qa)["total"] == expected
+        groups = x.size // group_size
+        extra = 32 * (-(-groups * split.split_bits(group_size, pulses) // 32) - -(-groups * joint_width(group_size, pulses) // 32))
+        assert qetjax.bits(split_qa)["total"] - qetjax.bits(joint)["total"] == extra
+
+
+def joint_width(d: int, k: int) -> int:
+    return (num_points(d, k) - 1).bit_length()
+
+
+def test_budget_solver_counts_the_split_width():
+    import qetjax
+
+    shape = (64, 256)
+    for bpe in (3.0, 4.0):
+        qj = qetjax.for_budget("pvq", shape, bpe, group_size=32)
+        qs = qetjax.for_budget("pvq", shape, bpe, group_size=32, index="split")
+        assert qetjax.stored_bits(qs, shape) <= bpe * shape[0] * shape[1]
+        k_joint, k_split = dict(qj.spec.args)["pulses"], dict(qs.spec.args)["pulses"]
+        assert k_split <= k_joint  # the rate cost: fewer pulses at equal bits
+    with pytest.raises(ValueError, match="index"):
+        qetjax.for_budget("pvq", shape, 3.0, index="exact")
+    with pytest.raises(ValueError, match="index"):
+        qetjax.pvq(32, 10, 4, index="exact")
+    with pytest.raises(ValueError, match="power-of-two"):
+        qetjax.pvq(24, 10, 4, index="split")
