@@ -192,6 +192,7 @@ def _smollm2(parser: argparse.ArgumentParser, args: argparse.Namespace, budgeted
 
     def on_row(row: dict) -> None:
         print(row, file=sys.stderr, flush=True)
+        jax.clear_caches()  # each configuration compiles anew; keep a long run's memory bounded
 
     rows = smollm2.report_rows(args.quick, args.bits, methods, parts=parts, progress=not args.no_progress, on_row=on_row)
     print(report.markdown_by_part(rows))

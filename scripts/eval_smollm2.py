@@ -16,6 +16,8 @@ import argparse
 import json
 import sys
 
+import jax
+
 from qetjax.bench import smollm2
 from qetjax.bench.report import markdown_by_part, write_csv
 
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.jsonl:
             with open(a.jsonl, "a") as f:
                 f.write(json.dumps(row, default=str) + "\n")
+        jax.clear_caches()  # each configuration compiles anew; keep a long run's memory bounded
 
     rows = smollm2.report_rows(a.quick, a.bits, a.methods, a.kv_methods, a.parts, not a.no_progress, on_row)
     print(markdown_by_part(rows))

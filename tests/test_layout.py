@@ -133,9 +133,7 @@ def test_import_graph_is_acyclic():
             visit(m, [])
 
 
-KNOWN_VIOLATIONS = {
-    "qetjax.bench.smollm2": "calls jax.clear_caches() after each row (the caller's job, e.g. in an on_row callback)",
-}
+KNOWN_VIOLATIONS: dict[str, str] = {}
 """Library modules that still break the rule, each with what to change; strict xfail: fixing one fails until it is removed."""
 
 

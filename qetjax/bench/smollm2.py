@@ -418,8 +418,8 @@ def report_rows(quick: bool, bits: Sequence[float], methods: Sequence[str] = WEI
                 progress: bool = True, on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """:func:`run` at the ``--quick`` or full :data:`SIZES` with a tqdm progress bar (the command-line runs).
 
-    ``on_row(row)`` is called after each row (e.g. to print or log it); compiled code is dropped
-    between rows (each configuration compiles anew) to keep a long run's memory bounded.
+    ``on_row(row)`` is called after each row (e.g. to print or log it, or to drop compiled code
+    with ``jax.clear_caches()``: each configuration compiles anew, so a long run's memory grows).
     """
     from tqdm import tqdm
 
@@ -430,7 +430,6 @@ def report_rows(quick: bool, bits: Sequence[float], methods: Sequence[str] = WEI
             bar.update(1)
             if on_row is not None:
                 on_row(row)
-            jax.clear_caches()
 
         return run(methods, bits, parts=["reference", *parts], kv_configs=kv_methods, on_row=step,
                    **SIZES["quick" if quick else "full"])
