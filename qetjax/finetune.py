@@ -47,7 +47,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +55,8 @@ import numpy as np
 import optax
 from jax.tree_util import Partial
 
-from qetjax.core import QuantizedArray
-from qetjax.tree import dequantize_tree, path_str
+from qetjax.core import QuantizedArray, dequantize
+from qetjax.tree import path_str
 
 Loss = Callable[[Any, Any], jax.Array]
 
@@ -165,30 +165,101 @@ def _straight_through(master: list, dtypes: list) -> list:
     return [m + jax.lax.stop_gradient(r - m) for m, r in zip(master, _restore(master, dtypes))]
 
 
-def _merge(treedef: Any, leaves: list, index: list[int], values: list) -> Any:
+def _merge(treedef: Any, leaves: list, index: tuple, values: list) -> Any:
     out = list(leaves)
     for i, v in zip(index, values):
         out[i] = v
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-@functools.partial(jax.jit, static_argnames=("treedef", "index", "dtypes", "optimizer"))
-def _train_step(master: list, opt_state: Any, frozen: list, loss: Partial, batch: Any, *, treedef: Any,
-                index: tuple, dtypes: tuple, optimizer: optax.GradientTransformation) -> tuple:
-    def objective(m: list) -> jax.Array:
-        tree = _merge(treedef, frozen, list(index), _straight_through(m, list(dtypes)))
-        return loss(dequantize_tree(tree), batch)
+class _Entry(NamedTuple):
+    """One top-level leaf of the tree (a quantized array or a plain leaf) and what of it is trained."""
 
-    value, grads = jax.value_and_grad(objective)(master)
-    updates, opt_state = optimizer.update(grads, opt_state, master)
-    return optax.apply_updates(master, updates), opt_state, value
+    treedef: Any  # of the entry's own leaves (a QuantizedArray's spec and shapes are in it)
+    leaves: list  # the entry's leaves, trained ones replaced by None
+    index: tuple  # positions of the trained leaves
+    dtypes: tuple  # their stored dtypes
+    quantized: bool
+
+
+def _decode(master: list, leaves: list, *, treedef: Any, index: tuple, dtypes: tuple) -> jax.Array:
+    """The decoded array of a quantized entry, its trained leaves at their stored values (straight through)."""
+    return dequantize(_merge(treedef, leaves, index, _straight_through(master, list(dtypes))))
+
+
+# Each quantized leaf is decoded by its own program, compiled once per quantizer and shape (the
+# leaves of a model share a few), rather than all decodes inlined into one training program
+# (36 PVQ decodes of MiniLM in one program compile for many minutes).
+_decode_jit = jax.jit(_decode, static_argnames=("treedef", "index", "dtypes"))
 
 
 @functools.partial(jax.jit, static_argnames=("treedef", "index", "dtypes"))
-def _mean_loss(master: list, frozen: list, loss: Partial, batches: Any, *, treedef: Any, index: tuple,
-               dtypes: tuple) -> jax.Array:
-    params = dequantize_tree(_merge(treedef, frozen, list(index), _restore(master, list(dtypes))))
-    return jnp.mean(jax.lax.map(lambda b: loss(params, b), batches))
+def _decode_vjp(master: list, leaves: list, cotangent: jax.Array, *, treedef: Any, index: tuple,
+                dtypes: tuple) -> list:
+    fn = functools.partial(_decode, leaves=leaves, treedef=treedef, index=index, dtypes=dtypes)
+    return jax.vjp(fn, master)[1](cotangent)[0]
+
+
+@functools.partial(jax.jit, static_argnames="treedef")
+def _loss_and_grad(trained: list, fixed: list, loss: Partial, batch: Any, *, treedef: Any) -> tuple:
+    def objective(values: list) -> jax.Array:
+        return loss(jax.tree_util.tree_unflatten(treedef, [f if v is None else v for v, f in zip(values, fixed)]), batch)
+
+    return jax.value_and_grad(objective)(trained)
+
+
+@functools.partial(jax.jit, static_argnames="treedef")
+def _mean_loss(params: list, loss: Partial, batches: Any, *, treedef: Any) -> jax.Array:
+    tree = jax.tree_util.tree_unflatten(treedef, params)
+    return jnp.mean(jax.lax.map(lambda b: loss(tree, b), batches))
+
+
+@functools.partial(jax.jit, static_argnames="optimizer")
+def _update(master: list, grads: list, opt_state: Any, *, optimizer: optax.GradientTransformation) -> tuple:
+    updates, opt_state = optimizer.update(grads, opt_state, master)
+    return optax.apply_updates(master, updates), opt_state
+
+
+def _entries(qtree: Any, train_unquantized: bool) -> tuple[Any, list, list[_Entry], list[list]]:
+    """The tree's top-level leaves (quantized arrays whole), their entries and float32 masters."""
+    tops, treedef = jax.tree_util.tree_flatten(qtree, is_leaf=_is_qa)
+    entries, masters = [], []
+    for top in tops:
+        quantized = _is_qa(top)
+        leaves, sub = jax.tree_util.tree_flatten(top)
+        trained = [_floating(x) and (quantized or bool(train_unquantized)) for x in leaves]
+        index = tuple(i for i, t in enumerate(trained) if t)
+        entries.append(_Entry(sub, [None if t else x for x, t in zip(leaves, trained)], index,
+                              tuple(jnp.dtype(leaves[i].dtype).name for i in index), quantized))
+        masters.append([jnp.asarray(leaves[i], jnp.float32) for i in index])
+    return treedef, tops, entries, masters
+
+
+def _values(entries: list[_Entry], masters: list[list], fixed: list) -> list:
+    """What the model sees of every top-level leaf: trained quantized arrays decoded, trained plain leaves
+    rounded to their dtypes, the others from ``fixed`` (decoded once)."""
+    out = []
+    for e, m, top in zip(entries, masters, fixed):
+        if e.quantized and e.index:
+            out.append(_decode_jit(m, e.leaves, treedef=e.treedef, index=e.index, dtypes=e.dtypes))
+        elif e.index:
+            out.append(_restore(m, list(e.dtypes))[0])
+        else:
+            out.append(top)
+    return out
+
+
+def _grads(entries: list[_Entry], masters: list[list], grads: list) -> list[list]:
+    """The gradients of the masters from those of the values the model saw (chain rule through decode)."""
+    out = []
+    for e, m, g in zip(entries, masters, grads):
+        if not e.index:
+            out.append([])
+        elif e.quantized:
+            out.append(_decode_vjp(m, e.leaves, g, treedef=e.treedef, index=e.index, dtypes=e.dtypes))
+        else:
+            out.append([g.astype(jnp.float32)])
+    return out
 
 
 def finetune(
@@ -260,42 +331,40 @@ def finetune(
     train_count = count - held_out
     held = _take(stacked, slice(train_count, count)) if held_out else None
 
-    mask = jax.tree.leaves(trainable_mask(qtree, train_unquantized))
-    leaves, treedef = jax.tree_util.tree_flatten(qtree)
-    index = tuple(i for i, m in enumerate(mask) if m)
-    if not index:
+    treedef, tops, entries, masters = _entries(qtree, train_unquantized)
+    if not any(e.index for e in entries):
         raise ValueError("qtree has no float leaf to train (no QuantizedArray with float side information"
                          + ("" if train_unquantized else "; pass train_unquantized=True to train plain leaves") + ")")
-    dtypes = tuple(jnp.dtype(leaves[i].dtype).name for i in index)
-    chosen = set(index)
-    frozen = [None if i in chosen else x for i, x in enumerate(leaves)]
-    master = [jnp.asarray(leaves[i], jnp.float32) for i in index]
     loss = loss if isinstance(loss, Partial) else Partial(loss)
-    static = dict(treedef=treedef, index=index, dtypes=dtypes)
+    trained_at = [bool(e.index) for e in entries]
+    constant = [dequantize(top) if e.quantized and not e.index else top for e, top in zip(entries, tops)]
 
-    def held_loss(m: list) -> float:
-        value = float(_mean_loss(m, frozen, loss, held, **static))
+    def held_loss(m: list[list]) -> float:
+        value = float(_mean_loss(_values(entries, m, constant), loss, held, treedef=treedef))
         if not math.isfinite(value):
             raise ValueError(f"the held-out loss is {value}; check the loss and the batches")
         return value
 
-    best = held_loss(master) if held_out else None
-    best_master, waited = master, 0
-    opt_state = optimizer.init(master)
+    best = held_loss(masters) if held_out else None
+    best_masters, waited = masters, 0
+    opt_state = optimizer.init(masters)
     from tqdm.auto import tqdm
 
     bar = tqdm(range(steps), desc="finetune", unit="step", disable=not progress)
     for step in bar:
-        batch = _take(stacked, step % train_count)
-        master, opt_state, value = _train_step(master, opt_state, frozen, loss, batch, optimizer=optimizer, **static)
+        values = _values(entries, masters, constant)
+        trained = [v if t else None for v, t in zip(values, trained_at)]
+        fixed = [None if t else v for v, t in zip(values, trained_at)]
+        value, grads = _loss_and_grad(trained, fixed, loss, _take(stacked, step % train_count), treedef=treedef)
+        masters, opt_state = _update(masters, _grads(entries, masters, grads), opt_state, optimizer=optimizer)
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"the training loss became {value} at step {step}; lower the learning rate")
         current = None
         if held_out and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            current = held_loss(master)
+            current = held_loss(masters)
             if current < best:
-                best, best_master, waited = current, master, 0
+                best, best_masters, waited = current, masters, 0
             else:
                 waited += 1
         bar.set_postfix(loss=f"{value:.4g}", **({} if best is None else {"held_out": f"{best:.4g}"}))
@@ -304,14 +373,19 @@ def finetune(
         if held_out and waited >= patience:
             break
     bar.close()
-    final = best_master if held_out else master
-    trained = [m.astype(d) for m, d in zip(final, dtypes)]
-    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(qtree)[0]]
-    for i, t in zip(index, trained):
-        if not bool(jnp.all(jnp.isfinite(t))):
-            raise ValueError(f"{paths[i]}: trained values overflow the stored dtype {t.dtype} "
+    final = best_masters if held_out else masters
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(qtree, is_leaf=_is_qa)[0]]
+    out = []
+    for path, e, m, top in zip(paths, entries, final, tops):
+        if not e.index:
+            out.append(top)
+            continue
+        stored = [x.astype(d) for x, d in zip(m, e.dtypes)]
+        if not all(bool(jnp.all(jnp.isfinite(x))) for x in stored):
+            raise ValueError(f"{path}: trained values overflow their stored dtype {e.dtypes} "
                              "(lower the learning rate, or store that leaf at a wider dtype)")
-    return _merge(treedef, leaves, list(index), trained)
+        out.append(_merge(e.treedef, e.leaves, e.index, stored))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _check_count(name: str, value: Any, low: int) -> int:
