@@ -1,0 +1,246 @@
+"""Quantized inference benchmark: decode throughput and model forwards in the three modes of qetjax.nn.
+
+Every number is taken side by side in one run (the machine may be shared; ratios are what count):
+
+1. decode throughput of every method at 3 and 4 bits per weight on one matrix, as weights/s and
+   output GB/s, against the machine's write bandwidth (``numpy.copyto`` into a warm buffer)
+   measured in the same run; decode is timed fused with a consumer (``.sum()`` in the same jit),
+   so the output's fresh pages are not what is measured;
+1b. the PVQ split code's rate cost: pulses, bits and SQNR at equal budget against the joint index;
+2. MiniLM batched forward (``--batch`` sentences) and
+3. the causal LLM's (SmolLM2, first ``--llm-layers`` layers) prefill and per-token generation,
+   for every method at 3 and 4 bits in each mode it supports (``decode_once``, ``per_layer``,
+   ``codes``): time as a ratio to fp32, resident weight bytes (the tree the forward is given),
+   peak RSS above the start of the timed call.
+
+Usage:
+    nice -n 5 python scripts/bench_inference.py --quick
+    python scripts/bench_inference.py --rows 4096 --cols 4096 --parts decode,minilm,llm
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import qetjax
+from qetjax import nn as qnn
+from qetjax.bench.memory import RssPeak
+from qetjax.methods.pvq.quantizer import shape_bits
+
+METHODS = {  # name -> (for_budget method, options)
+    "rtn": ("rtn", {}),
+    "pq": ("pq", {}),
+    "rq": ("rq", {}),
+    "opq": ("opq", {}),
+    "lsq": ("lsq", {}),
+    "pvq": ("pvq", {"group_size": 32}),
+    "pvq-split": ("pvq", {"group_size": 32, "index": "split"}),
+}
+
+
+def best_time(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def write_bandwidth(nbytes: int, repeats: int) -> float:
+    src, dst = np.ones(nbytes // 4, np.float32), np.empty(nbytes // 4, np.float32)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return nbytes / min(times)  # bytes written per second (each byte also read once)
+
+
+def quantizer(method: str, shape: tuple[int, int], bits: float) -> qetjax.Quantizer:
+    name, options = METHODS[method]
+    return qetjax.for_budget(name, shape, bits, **options)
+
+
+def decode_rows(args) -> list[str]:
+    shape = (args.rows, args.cols)
+    x = jax.random.normal(jax.random.key(0), shape) * 0.02
+    bw = write_bandwidth(x.size * 4, args.repeats)
+    rows = [f"write bandwidth (numpy.copyto, warm buffer): {bw / 1e9:.1f} GB/s", "",
+            "| method | bits | stored bits/w | decode Mw/s | output GB/s | of write bw | vs pq |",
+            "|---|---|---|---|---|---|---|"]
+    for bits in args.bits:
+        results = {}
+        for method in args.methods:
+            q = quantizer(method, shape, bits)
+            qa = qetjax.quantize(q, jax.random.key(1), x)
+            fused = jax.jit(lambda p, c, q=q: q.decode(p, c).sum())
+            t = best_time(lambda: fused(qa.params, qa.codes), args.repeats)
+            results[method] = (qa.bits_per_element, x.size / t)
+        pq_rate = results.get("pq", (0, float("nan")))[1]
+        for method, (bpw, rate) in results.items():
+            rows.append(f"| {method} | {bits} | {bpw:.3f} | {rate / 1e6:.1f} | {rate * 4 / 1e9:.2f} | "
+                        f"{rate * 4 / bw:.2f} | {rate / pq_rate:.3f} |")
+    return rows
+
+
+def rate_rows(args) -> list[str]:
+    """The split code's rate cost: pulses, stored bits and SQNR at equal budget vs the joint index."""
+    shape = (args.rows, args.cols)
+    x = jax.random.normal(jax.random.key(0), shape)
+    rows = ["| group | bits | index | pulses K | shape bits/group | stored bits/w | SQNR dB |", "|---|---|---|---|---|---|---|"]
+    for group in (32, 128):
+        for bits in args.bits:
+            for index in ("joint", "split"):
+                q = qetjax.for_budget("pvq", shape, bits, group_size=group, index=index)
+                qa = qetjax.quantize(q, jax.random.key(1), x)
+                k = dict(q.spec.args)["pulses"]
+                rows.append(f"| {group} | {bits} | {index} | {k} | {shape_bits(group, k, index)} | "
+                            f"{qa.bits_per_element:.3f} | {float(qetjax.metrics.sqnr_db(x, qetjax.dequantize(qa))):.2f} |")
+    return rows
+
+
+def tree_bytes(tree) -> int:
+    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree) if hasattr(a, "dtype"))
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    jax.block_until_ready(fn())  # compile
+    with RssPeak() as m:
+        t = best_time(fn, repeats)
+    return t, m.delta
+
+
+def mode_trees(qtree):
+    coded, fallbacks = qnn.on_codes(qtree)
+    return {"decode_once": qetjax.dequantize_tree(qtree), "per_layer": qtree, "codes": coded}, fallbacks
+
+
+def minilm_rows(args) -> list[str]:
+    from qetjax.bench import corpus
+    from qetjax.models import minilm
+
+    _, params, tokenizer = minilm.load_pretrained()
+    sentences = corpus.stdlib_sentences(args.batch)
+    batch = {k: jnp.asarray(v) for k, v in minilm.tokenize(tokenizer, sentences).items()}
+    dense_fn = jax.jit(minilm.embed)
+    stacked_fn = jax.jit(qnn.minilm_embed)
+    t32, _ = timed(lambda: dense_fn(params, **batch), args.repeats)
+    rows = [f"MiniLM batched forward, {args.batch} sentences x {batch['input_ids'].shape[1]} tokens: "
+            f"fp32 {t32 * 1e3:.1f} ms, resident {tree_bytes(params) / 2**20:.1f} MiB", "",
+            "| method | bits | mode | time / fp32 | resident MiB | peak RSS MiB | max abs diff vs decode_once |",
+            "|---|---|---|---|---|---|---|"]
+    for bits in args.bits:
+        for method in args.methods:
+            name, options = METHODS[method]
+            def policy(path, leaf, name=name, options=options, bits=bits):
+                wanted = path.startswith("encoder") and path.endswith("kernel")
+                return qetjax.for_budget(name, leaf.shape, bits, **options) if wanted else None
+
+            qtree = qetjax.quantize_tree(jax.random.key(0), params, policy, layout="out_in", progress=False)
+            trees, fallbacks = mode_trees(qtree)
+            once = dense_fn(trees["decode_once"], **batch)
+            for mode, tree in trees.items():
+                if mode == "codes" and fallbacks:
+                    rows.append(f"| {method} | {bits} | codes | falls back to per_layer ({len(fallbacks)} kernels) | | | |")
+                    continue
+                fn = dense_fn if mode == "decode_once" else stacked_fn
+                if mode == "codes":
+                    with qnn.intercept():
+                        fn = jax.jit(qnn.minilm_embed)
+                        t, m = timed(lambda: fn(tree, **batch), args.repeats)
+                        out = fn(tree, **batch)
+                else:
+                    t, m = timed(lambda: fn(tree, **batch), args.repeats)
+                    out = fn(tree, **batch)
+                rows.append(f"| {method} | {bits} | {mode} | {t / t32:.2f} | {tree_bytes(tree) / 2**20:.1f} | "
+                            f"{m / 2**20:.0f} | {float(jnp.abs(out - once).max()):.1e} |")
+    return rows
+
+
+def llm_rows(args) -> list[str]:
+    from qetjax.models import llama
+
+    _, full, _ = llama.load_pretrained()
+    params = llama.first_layers(full, args.llm_layers)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 49152, (args.llm_batch, args.prompt)), jnp.int32)
+    max_len = args.prompt + args.new_tokens
+
+    def measure(tree, intercept: bool) -> tuple[float, float, float]:
+        ctx = qnn.intercept() if intercept else _null()
+        with ctx:
+            pf = jax.jit(lambda p: llama.prefill(p, ids, max_len=max_len)[0])
+            ge = jax.jit(lambda p: llama.generate(p, ids, args.new_tokens, max_len=max_len))
+            t_pf, _ = timed(lambda: pf(tree), args.repeats)
+            t_ge, m = timed(lambda: ge(tree), args.repeats)
+        return t_pf, (t_ge - t_pf) / max(1, args.new_tokens - 1), m
+
+    p32, g32, _ = measure(params, False)
+    rows = [f"SmolLM2 first {args.llm_layers} layers, batch {args.llm_batch}, prompt {args.prompt}, "
+            f"{args.new_tokens} new tokens: fp32 prefill {p32 * 1e3:.1f} ms, {g32 * 1e3:.2f} ms/token", "",
+            "| method | bits | mode | prefill / fp32 | tokens/s / fp32 | resident MiB (layers) | peak RSS MiB |",
+            "|---|---|---|---|---|---|---|"]
+    for bits in args.bits:
+        for method in args.methods:
+            name, options = METHODS[method]
+            flat = llama.unstack_layers(params)
+            def policy(path, leaf, name=name, options=options, bits=bits):
+                wanted = path.startswith("layer_") and path.endswith("kernel")
+                return qetjax.for_budget(name, leaf.shape, bits, **options) if wanted else None
+
+            qtree = llama.stack_layers(
+                qetjax.quantize_tree(jax.random.key(0), flat, policy, layout="out_in", progress=False))
+            trees, fallbacks = mode_trees(qtree)
+            for mode, tree in trees.items():
+                if mode == "codes" and fallbacks:
+                    rows.append(f"| {method} | {bits} | codes | falls back to per_layer | | | |")
+                    continue
+                pf, gt, m = measure(tree, mode == "codes")
+                rows.append(f"| {method} | {bits} | {mode} | {pf / p32:.2f} | {g32 / gt:.2f} | "
+                            f"{tree_bytes(tree['layers']) / 2**20:.1f} | {m / 2**20:.0f} |")
+    return rows
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, few methods")
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--cols", type=int, default=2048)
+    parser.add_argument("--bits", type=float, nargs="+", default=[3.0, 4.0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--parts", default="decode,rate,minilm,llm")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--llm-layers", type=int, default=30)
+    parser.add_argument("--llm-batch", type=int, default=1)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.quick:
+        args.rows, args.cols, args.batch, args.llm_layers, args.prompt, args.new_tokens = 512, 1024, 8, 2, 32, 8
+        if args.methods == list(METHODS):
+            args.methods = ["rtn", "pq", "rq", "pvq", "pvq-split"]
+    parts = args.parts.split(",")
+    for part, fn in (("decode", decode_rows), ("rate", rate_rows), ("minilm", minilm_rows), ("llm", llm_rows)):
+        if part in parts:
+            print(f"\n## {part}\n")
+            print("\n".join(fn(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
