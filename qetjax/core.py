@@ -380,7 +380,8 @@ def _run_finite(q: Quantizer, m: float, run: Callable[[Quantizer], Any], name: s
             return wide, out
     raise ValueError(
         f"{q.spec.name} cannot hold {name} (largest magnitude {m:.3g}): a stored value is not finite even with float32 "
-        f"storage; scale {name} by a power of two towards 1 (exact) and divide the decoded result by it"
+        f"storage (side information it keeps in float16 holds magnitudes up to 65504); scale {name} by a power of two "
+        "towards 1 (exact) and divide the decoded result by it"
     )
 
 
