@@ -21,7 +21,7 @@ Ready losses (each a :class:`jax.tree_util.Partial`, so reference arrays travel 
 as arguments rather than as compiled-in constants):
 
 * :func:`layer_output_loss`: per-layer relative output MSE of linear kernels on captured
-  calibration inputs (local; the inputs come from e.g. :func:`qetjax.bench.minilm.dense_inputs`);
+  calibration inputs (local; the inputs come from e.g. :func:`qetjax.calibration.dense_inputs`);
 * :func:`cosine_loss`: ``1 - cosine`` of sentence embeddings to the reference model's
   (end to end, e.g. MiniLM);
 * :func:`kl_loss`: KL divergence of the quantized model's next-token distribution from the
@@ -429,7 +429,7 @@ def layer_output_loss(reference_params: Any, paths: Sequence[str]) -> Partial:
       ValueError: a path that is not a 2-D leaf of ``reference_params``.
 
     Example:
-        >>> inputs = qetjax.bench.minilm.dense_inputs(params, calib)     # {path: [tokens, in]}
+        >>> inputs = qetjax.calibration.dense_inputs(model, params, calib, mask=calib["attention_mask"])
         >>> loss = layer_output_loss(params, list(inputs))
         >>> tuned = finetune(qtree, loss, layer_batches(inputs, 256))
     """
