@@ -98,7 +98,7 @@ def worker(args: argparse.Namespace) -> dict:
     from qetjax import gptq, sharding
     from qetjax.tree import leaf_key
 
-    leaves = _leaves(args.model, args.layers)
+    leaves = _leaves(args.model, args.layers)[: args.leaves]
     key = jax.random.key(0)
     mesh = jax.make_mesh((len(jax.devices()),), ("data",), devices=jax.devices())
     rank = jax.process_index()
@@ -166,6 +166,7 @@ def _launch(args: argparse.Namespace, role: str, processes: int, devices: int) -
     port = _free_port()
     base = [sys.executable, os.path.abspath(__file__), "--worker", "--role", role, "--processes", str(processes),
             "--port", str(port), "--model", args.model, "--layers", str(args.layers), "--samples", str(args.samples),
+            "--leaves", str(args.leaves or 0),
             "--methods", ",".join(args.methods)] + (["--quick"] if args.quick else []) + (["--check"] if args.check else [])
     procs = [subprocess.Popen(base + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE, text=True)
              for i in range(processes)]
@@ -253,6 +254,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--model", choices=("synthetic", "minilm", "smollm2"), default="synthetic")
     parser.add_argument("--layers", type=int, default=1, help="first layers of the model whose linear layers are quantized")
+    parser.add_argument("--leaves", type=int, default=None, help="only the first this many of those leaves")
     parser.add_argument("--methods", default=None, help=f"comma-separated, from {METHODS}")
     parser.add_argument("--samples", type=int, default=256, help="calibration rows per GPTQ leaf (Gaussian)")
     parser.add_argument("--quick", action="store_true", help="small configurations (CI)")
@@ -265,6 +267,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.leaves = args.leaves or None
     args.methods = (args.methods or ("rtn,pq,pq-shared,gptq" if args.quick else "pq,pvq,gptq")).split(",")
     for m in args.methods:
         if m not in METHODS:
@@ -275,7 +278,7 @@ def main() -> None:
     if args.project:
         with open(args.project) as f:
             runs = json.loads(f.read().splitlines()[-1])
-        leaves = _leaves(args.model, args.layers)
+        leaves = _leaves(args.model, args.layers)[: args.leaves]
         replicated = {m: replicated_seconds(m, leaves, args.quick, args.samples) for m in args.methods}
         print(projections(runs, args.methods, replicated))
         return
@@ -287,7 +290,7 @@ def main() -> None:
     runs[f"{args.processes} processes x 1 device"] = _launch(args, "distributed", args.processes, 1)
     if args.bench:
         print(_bench_table(runs, args.methods))
-        leaves = _leaves(args.model, args.layers)
+        leaves = _leaves(args.model, args.layers)[: args.leaves]
         print(projections(runs, args.methods, {m: replicated_seconds(m, leaves, args.quick, args.samples)
                                                for m in args.methods}))
         print(json.dumps(runs))
