@@ -92,7 +92,8 @@ def test_quantizer_split_index_stores_the_same_points_in_the_counted_bits():
         expected = quantizer.stored_size(x.shape, group_size, pulses, gain_bits, True, "row", index="split")
         assert qetjax.bits(split_qa)["total"] == expected
         groups = x.size // group_size
-        extra = 32 * (-(-groups * split.split_bits(group_size, pulses) // 32) - -(-groups * joint_width(group_size, pulses) // 32))
+        words = lambda width: -(-groups * width // 32)
+        extra = 32 * (words(split.split_bits(group_size, pulses)) - words(joint_width(group_size, pulses)))
         assert qetjax.bits(split_qa)["total"] - qetjax.bits(joint)["total"] == extra
 
 

@@ -51,10 +51,9 @@ from qetjax.core import (
     static_field,
     stored_bits,
 )
-from qetjax.methods.pvq import enumeration, projection
+from qetjax.methods.pvq import enumeration, projection, split
 from qetjax.methods.pvq import gains as gain_lib
 from qetjax.rotations import hadamard_block, hadamard_transform
-from qetjax.methods.pvq import split
 
 GAIN_SCALES = ("row", "tensor")
 MAX_PULSES = 16384
