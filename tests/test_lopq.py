@@ -62,17 +62,6 @@ def test_cell_slots_take_each_cells_rows():
         assert set(np.asarray(cells)[valid]) == {c}
 
 
-def test_deterministic_and_jit_matches_eager():
-    x = clustered(n=128)
-    q = lopq(2, 4, 4, iters=2, init_iters=2, kmeans_iters=2)
-    qa = qetjax.quantize(q, KEY, x)
-    a = qetjax.dequantize(qa)
-    np.testing.assert_array_equal(a, qetjax.dequantize(qetjax.quantize(q, KEY, x)))
-    eager = q.decode(qa.params, q.encode(qa.params, x))  # op-by-op, same params
-    np.testing.assert_allclose(a, eager, atol=1e-4)
-    # (an eager fit is op-by-op and slow; tests/test_rq.py checks fit eager == jit)
-
-
 def test_budget_fits():
     q = qetjax.for_budget("lopq", (4096, 64), 3.0, num_coarse=2, subvector_dim=8)
     assert stored_bits(q, (4096, 64)) <= 3.0 * 4096 * 64

@@ -85,23 +85,6 @@ def test_half_inputs_return_their_dtype(dtype):
     assert qetjax.dequantize(qa).dtype == dtype
 
 
-def test_jit_equals_eager():
-    q = qetjax.pq(2, 4)
-    x = _x(16, 4)
-    key = jax.random.key(3)
-    params = q.fit(key, x)
-    eager = q.decode(params, q.encode(params, x))
-    jitted = jax.jit(lambda k, x: q.decode(q.fit(k, x), q.encode(q.fit(k, x), x)))(key, x)
-    np.testing.assert_array_equal(eager, jitted)
-
-
-def test_deterministic_for_a_key():
-    q, x = qetjax.pq(4, 8), _x(64, 8)
-    a = qetjax.dequantize(qetjax.quantize(q, jax.random.key(5), x))
-    b = qetjax.dequantize(qetjax.quantize(q, jax.random.key(5), x))
-    np.testing.assert_array_equal(a, b)
-
-
 @pytest.mark.parametrize("shape,bpe,shared", [((256, 64), 3.0, False), ((100, 40), 2.5, True)])
 def test_for_budget_fits_and_one_more_centroid_would_not(shape, bpe, shared):
     q = qetjax.for_budget("pq", shape, bpe, subvector_dim=4, shared_codebook=shared)
