@@ -208,7 +208,8 @@ def _specs(full: list, block: list, big: list, devices: int, axis: str, what: st
 def _row_specs(q: Quantizer, shape: tuple[int, int], devices: int, axis: str) -> tuple[list[P], list[P]]:
     n, w = shape
     if n % devices:
-        raise ValueError(f"x has {n} rows, which do not divide over {devices} devices; pad the rows to a multiple of {devices}")
+        raise ValueError(f"x has {n} rows, which do not divide over {devices} devices; use a mesh axis whose size "
+                         f"divides {n}, or quantize the leaf whole (qetjax.quantize; quantize_tree(mesh=) does so)")
     b = n // devices
     full, block, big = (_fit_encode_shapes(q, (m, w), (n, w)) for m in (n, b, _WORD * b))
     params = _specs(full[0], block[0], big[0], devices, axis, "params", replicable=True)

@@ -228,7 +228,7 @@ def _models(r: dict, mesh, key, lap) -> dict:
 def _run_worker(part: str) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", part], env=env, capture_output=True,
-                         text=True, timeout=900, cwd=ROOT)
+                         text=True, timeout=2400, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-4000:]
     line = [s for s in out.stdout.splitlines() if s.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
@@ -330,7 +330,7 @@ def test_two_processes() -> None:
     """Two CPU processes with jax.distributed quantize together: the codes of one process."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "distributed_quantize.py"), "--quick"],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+                         env=env, capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "codes equal one process's" in out.stdout
 
