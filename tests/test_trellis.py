@@ -103,8 +103,8 @@ def test_decode_reproduces_the_paths_codewords_exactly():
     x = jax.random.normal(jax.random.key(0), (6, 64)) * 3.0
     q = qetjax.trellis(2, state_bits=8, sequence_length=32, rotate=False, scale="tensor")
     qa = _quantize(q, x)
-    scale = jnp.sqrt(jnp.mean(x * x))
-    assert float(qa.params.scale) == float(scale)
+    scale = qa.params.scale
+    np.testing.assert_allclose(float(scale), float(jnp.sqrt(jnp.mean(x * x))), rtol=1e-6)  # the RMS
     table = tr.codebook(8)
     chunks = tr.tail_biting_chunks((x / scale).reshape(-1, 32), table, 2)
     # the codewords of the path, computed the way decode computes them (one jitted program)
@@ -168,6 +168,17 @@ def test_low_precision_input_and_one_row(dtype):
     xh = qetjax.dequantize(_quantize(qetjax.trellis(2, state_bits=6, sequence_length=32), x))
     assert xh.dtype == dtype and xh.shape == (1, 64)
     assert metrics.sqnr_db(x.astype(jnp.float32), xh.astype(jnp.float32)) > 7.0
+
+
+def test_huge_and_tiny_values_stay_finite():
+    x = jax.random.normal(jax.random.key(11), (3, 64))
+    q = qetjax.trellis(2, state_bits=6, sequence_length=32)
+    reference = metrics.sqnr_db(x, qetjax.dequantize(_quantize(q, x)))
+    for factor in (1e9, 1e-9):  # near the range qetjax.quantize accepts (2^-32 .. 2^32)
+        y = x * factor
+        yh = qetjax.dequantize(_quantize(q, y))
+        assert bool(jnp.isfinite(yh).all())
+        assert abs(metrics.sqnr_db(y / factor, yh / factor) - reference) < 0.5
 
 
 def test_zero_rows_and_zero_matrices_decode_to_zero():

@@ -267,6 +267,14 @@ def _check_width(d: int, sequence_length: int) -> None:
         )
 
 
+def _rms(x: jax.Array, axis: int | None = None) -> jax.Array:
+    """Root mean square, scaled by the absolute maximum first so that squares of large values cannot overflow."""
+    top = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+    safe = jnp.where(top > 0, top, 1.0)
+    rms = safe * jnp.sqrt(jnp.mean(jnp.square(x / safe), axis=axis, keepdims=True))
+    return jnp.squeeze(jnp.where(top > 0, rms, 0.0), axis)
+
+
 def _row_scales(params: TrellisParams, n: int) -> jax.Array:
     s = params.scale.astype(jnp.float32)
     if params.scales is None:
@@ -286,14 +294,13 @@ def _trellis(bits: int, state_bits: int, sequence_length: int, low_rows: int, sc
         _check_width(d, sequence_length)
         if low_rows > n:
             raise ValueError(f"low_rows={low_rows} must be at most the {n} rows of x")
-        rms = jnp.sqrt(jnp.mean(jnp.square(x)))
+        rms = _rms(x)
         if scale == "tensor":
             return TrellisParams(rms, None)
-        rows = jnp.sqrt(jnp.mean(jnp.square(x), axis=1))
+        rows = _rms(x, axis=1)
         return TrellisParams(rms, jnp.where(rms > 0, rows / jnp.where(rms > 0, rms, 1.0), 0.0).astype(scale_dtype))
 
     def code(x: jax.Array, s: jax.Array, k: int) -> jax.Array:
-        n, d = x.shape
         unit = jnp.where(s[:, None] > 0, x / jnp.where(s[:, None] > 0, s[:, None], 1.0), 0.0)
         chunks = tail_biting_chunks(unit.reshape(-1, sequence_length), codebook(state_bits), k)
         return packing.pack(chunks.reshape(-1), k)
