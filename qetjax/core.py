@@ -580,14 +580,22 @@ def quantize_batch(q: Quantizer, key: PRNGKey, xs: Any) -> QuantizedArray:
 
 
 def dequantize(qa: QuantizedArray) -> Array:
-    """Decodes a :class:`QuantizedArray` to its original shape and dtype."""
+    """Decodes a :class:`QuantizedArray` to its original shape and dtype.
+
+    A reconstruction beyond the largest finite value of a half-precision original dtype (a
+    float16 input near 65504 plus quantization error) saturates at it instead of becoming Inf.
+    """
     if not isinstance(qa, QuantizedArray):
         raise TypeError(f"qa must be a QuantizedArray, got {type(qa).__name__}")
     q = qa.quantizer
     decode = functools.partial(_decode, q)
     for _ in qa.batch_shape:
         decode = jax.vmap(decode)
-    return decode(qa.params, qa.codes).astype(qa.dtype)
+    y = decode(qa.params, qa.codes)
+    if jnp.dtype(qa.dtype).itemsize < 4:
+        top = float(jnp.finfo(qa.dtype).max)
+        y = jnp.clip(y, -top, top)
+    return y.astype(qa.dtype)
 
 
 def _component(path: tuple) -> str:
