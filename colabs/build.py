@@ -359,7 +359,8 @@ def verdict(dname, b, labels):
     best = max(labels, key=lambda lab: table[dname, b, lab][1])
     delta = table[dname, b, best][1] - pq_s
     word = "QET wins" if delta > 0.1 else "PQ wins" if delta < -0.1 else "tie (within 0.1 dB)"
-    return f"{dname:10s} at {b} bits/element: PQ {pq_s:.2f} dB, best QET ({best}) {table[dname, b, best][1]:.2f} dB -> {word} ({delta:+.2f} dB)"
+    qet_s = table[dname, b, best][1]
+    return f"{dname:10s} at {b} bits/element: PQ {pq_s:.2f} dB, best QET ({best}) {qet_s:.2f} dB -> {word} ({delta:+.2f} dB)"
 
 if has_qet:
     for dname in datasets:

@@ -14,10 +14,10 @@ import sys as _sys
 # Engines and helpers, as modules.
 from qetjax import calibration, codebooks, combinators, gptq, kmeans, kv, metrics, packing, rotations, swap_tree
 from qetjax.bench import data
-from qetjax.methods import pvq
 
 # The core abstraction.
 from qetjax.budget import for_budget
+from qetjax.combinators import residual
 from qetjax.core import (
     METHODS,
     QuantizedArray,
@@ -31,7 +31,11 @@ from qetjax.core import (
     quantize_batch,
     stored_bits,
 )
-from qetjax.combinators import residual
+from qetjax.finetune import finetune
+
+# Parameter trees and files.
+from qetjax.io import load, save
+from qetjax.methods import pvq
 
 # Methods (each registers its constructor and budget solver on import).
 from qetjax.methods.lopq import lopq
@@ -42,11 +46,7 @@ from qetjax.methods.qet import qet, qet_paper, qet_residual
 from qetjax.methods.rq import rq
 from qetjax.methods.scalar import lloyd_max, nf, rotated_rtn, rtn
 from qetjax.methods.trellis import trellis
-
-# Parameter trees and files.
-from qetjax.io import load, save
 from qetjax.tree import dequantize_tree, quantize_tree
-from qetjax.finetune import finetune
 
 # Module paths of releases before the folders by layer (``qetjax.pq``, ``qetjax.eval``, ...)
 # stay importable: each names the module that now holds that code.

@@ -21,6 +21,7 @@ import jax
 
 from qetjax.core import Array, PRNGKey, Quantizer, pytree_dataclass, register_method
 
+
 class Transform(NamedTuple):
     """A reversible transform put in front of a quantizer.
 

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from qetjax import codebooks, kmeans
-from qetjax.core import PRNGKey, pytree_dataclass
 from qetjax.combinators import Transform
+from qetjax.core import PRNGKey, pytree_dataclass
 
 
 def fwht(x: jax.Array) -> jax.Array:

@@ -29,7 +29,8 @@ compare-and-select network applied to all groups at once. The row is viewed as
 ``2k+1`` of every block, of every group and row, in one batched operation (a static
 Python loop runs over the levels only). The final slots are the blocks, so the output
 is a plain reshape; no block, row or column is looped over in Python. Ragged widths
-are padded with masked columns at the end of the row: a pair with a padded member never swaps, which is exactly the odd-column rule
+are padded with masked columns at the end of the row: a pair with a padded member never swaps,
+which is exactly the odd-column rule
 above (padding is always a suffix of each block); the padding is removed by a static
 gather. Swaps are selects in the input dtype, so any real dtype (floating: fp32, fp16,
 bf16, ...; or integer) is reordered bit-for-bit (signed zeros and NaNs included: a
@@ -62,8 +63,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qetjax.core import pytree_dataclass, static_field
 from qetjax.combinators import Transform
+from qetjax.core import pytree_dataclass, static_field
 
 
 @pytree_dataclass

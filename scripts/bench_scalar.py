@@ -36,15 +36,18 @@ def row(name, label, q):
           f"| {t_dec.run_s*1e3:.1f} ({t_dec.compile_s:.2f}) | {mb/t_enc.run_s:.0f} / {mb/t_dec.run_s:.0f} |", flush=True)
 
 
-hdr = "| method | {} | config | stored bits/elem | SQNR dB | fit+encode ms (compile s) | decode ms (compile s) | MB/s f32 in/out |"
+hdr = ("| method | {} | config | stored bits/elem | SQNR dB | fit+encode ms (compile s) | decode ms (compile s) "
+       "| MB/s f32 in/out |")
 sep = "|---|---|---|---|---|---|---|---|"
 print(f"Gaussian N(0,1) {shape}, device {jax.devices()[0].device_kind}\n")
-print(hdr.format("budget bits/elem")); print(sep)
+print(hdr.format("budget bits/elem"))
+print(sep)
 for budget in (2, 3, 4):
     for name, (method, opts, _) in METHODS.items():
         row(name, str(budget), qetjax.for_budget(method, shape, budget, **opts))
 print()
-print(hdr.format("nominal bits")); print(sep)
+print(hdr.format("nominal bits"))
+print(sep)
 for b in (2, 3, 4):
     for name, (_, _, make) in METHODS.items():
         if make is not None:

@@ -67,7 +67,8 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start\n")
     print("| memory copy | ms | GB/s |")
     print("|---|---:|---:|")
-    for name, t in [("numpy copyto (preallocated)", t_np), ("jit x*1 (fresh buffer)", t_jit), ("jit x*2 (donated, in place)", t_don)]:
+    copies = [("numpy copyto (preallocated)", t_np), ("jit x*1 (fresh buffer)", t_jit), ("jit x*2 (donated, in place)", t_don)]
+    for name, t in copies:
         print(f"| {name} | {t * 1e3:.1f} | {gbs(t):.2f} |")
 
     fwd = jax.jit(swap_tree.forward, static_argnums=1)

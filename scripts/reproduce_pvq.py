@@ -17,7 +17,8 @@ import numpy as np
 
 import qetjax
 from qetjax import gptq, metrics
-from qetjax.methods.pvq import enumeration, gains as gain_lib, projection
+from qetjax.methods.pvq import enumeration, projection
+from qetjax.methods.pvq import gains as gain_lib
 from qetjax.methods.pvq.quantizer import _normalized, _scales, _shapes_and_gains
 
 SLB_OFFSET_DB = {"gaussian": 0.0, "laplacian": 10 * math.log10(math.pi / math.e)}  # Shannon lower bound

@@ -115,7 +115,8 @@ def methods_at(shape, bpe: float, levels: range, extended: bool):
     d = shape[1] // 8
     out = [("PQ", build("pq", shape, bpe, subvector_dim=d), "does not fit")]
     if HAVE_OPQ:
-        out.append(("OPQ (fp16 rotation)", build("opq", shape, bpe, subvector_dim=d, rotation_dtype="float16"), "does not fit (rotation)"))
+        opq = build("opq", shape, bpe, subvector_dim=d, rotation_dtype="float16")
+        out.append(("OPQ (fp16 rotation)", opq, "does not fit (rotation)"))
     else:
         out.append(("OPQ", None, "n/a (not yet)"))
     out.append(("RTN", build("rtn", shape, bpe), "does not fit"))

@@ -146,8 +146,8 @@ def test_pq_codebook_approaches_the_mean_of_its_rows(codebook_dtype):
         used[s, np.unique(codes[:, s])] = True
     loss = lambda params, batch: jnp.mean(jnp.square(params["w"] - w))  # weight MSE: the batch is unused
     start = np.asarray(qa.params.codebook, np.float32)
-    tuned = finetune({"w": qa}, loss, np.zeros((2, 1), np.float32), optax.adam(optax.cosine_decay_schedule(0.05, 150)), steps=150, held_out=0,
-                     progress=False)["w"]
+    optimizer = optax.adam(optax.cosine_decay_schedule(0.05, 150))
+    tuned = finetune({"w": qa}, loss, np.zeros((2, 1), np.float32), optimizer, steps=150, held_out=0, progress=False)["w"]
     got = np.asarray(tuned.params.codebook, np.float32)
     assert tuned.params.codebook.dtype == jnp.dtype(codebook_dtype)
     before, after = np.abs(start - optimum)[used].max(), np.abs(got - optimum)[used].max()

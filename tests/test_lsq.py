@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 import qetjax
+from qetjax.codebooks import additive_reconstruction as reconstruct
+from qetjax.codebooks import least_squares_codebooks
 from qetjax.core import stored_bits
-from qetjax.packing import code_width
-from qetjax.codebooks import additive_reconstruction as reconstruct, least_squares_codebooks
 from qetjax.methods.lsq import local_search, lsq
+from qetjax.packing import code_width
 
 KEY = jax.random.key(0)
 N, W, M, K = 256, 8, 2, 8

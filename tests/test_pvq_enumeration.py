@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import qetjax
 from qetjax import packing
 from qetjax.methods.pvq import enumeration as en
-import qetjax
 
 
 def reference_count(dim: int, pulses: int) -> int:

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 import qetjax
 from qetjax import swap_tree
 from qetjax.core import Spec, from_spec, stored_bits
+from qetjax.methods.qet import qet, qet_paper, qet_residual
 from qetjax.packing import code_width, num_words
-from qetjax.methods.qet import qet, qet_for_budget, qet_paper, qet_residual
 
 KEY = jax.random.key(0)
 
@@ -136,7 +136,11 @@ def test_residual_stage_never_increases_training_error(second):
 
 @pytest.mark.parametrize(
     "shape,bpe,options",
-    [((64, 16), 4.0, {"levels": 1}), ((64, 16), 3.0, {"levels": 2, "codebook_bits": 6}), ((40, 24), 5.0, {"levels": 2, "subvector_dim": 6})],
+    [
+        ((64, 16), 4.0, {"levels": 1}),
+        ((64, 16), 3.0, {"levels": 2, "codebook_bits": 6}),
+        ((40, 24), 5.0, {"levels": 2, "subvector_dim": 6}),
+    ],
 )
 def test_for_budget_fits_and_is_maximal(shape, bpe, options):
     q = qetjax.for_budget("qet", shape, bpe, **options)

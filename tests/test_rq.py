@@ -7,8 +7,8 @@ import pytest
 
 import qetjax
 from qetjax.core import stored_bits
-from qetjax.packing import code_width
 from qetjax.methods.rq import rq
+from qetjax.packing import code_width
 
 KEY = jax.random.key(0)
 N, W, K = 512, 8, 16

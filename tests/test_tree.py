@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import qetjax
-from qetjax.tree import as_transposed, leaf_key, path_str, tree_bits
 from qetjax.combinators import transposed
+from qetjax.tree import as_transposed, leaf_key, path_str, tree_bits
 
 
 def _params():

@@ -39,9 +39,17 @@ from jax import lax
 
 from qetjax import kmeans
 from qetjax.budget import largest_fitting
-from qetjax.core import Quantizer, check_int, check_storage_dtype, pytree_dataclass, register_budget, register_method, static_field
-from qetjax.packing import code_width, pack, unpack
 from qetjax.codebooks import default_subvector_dim, split
+from qetjax.core import (
+    Quantizer,
+    check_int,
+    check_storage_dtype,
+    pytree_dataclass,
+    register_budget,
+    register_method,
+    static_field,
+)
+from qetjax.packing import code_width, pack, unpack
 from qetjax.rotations import learn_rotation
 
 

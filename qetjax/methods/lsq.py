@@ -40,8 +40,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from qetjax import kmeans
-from qetjax.codebooks import Codebook, PQCodes, additive_reconstruction, least_squares_codebooks
 from qetjax.budget import budget_bits, largest_fitting
+from qetjax.codebooks import Codebook, PQCodes, additive_reconstruction, least_squares_codebooks
 from qetjax.core import (
     Quantizer,
     check_int,

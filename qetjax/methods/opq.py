@@ -43,6 +43,8 @@ import jax.numpy as jnp
 
 from qetjax import kmeans
 from qetjax.budget import largest_fitting
+from qetjax.codebooks import default_subvector_dim, split, store_codebook
+from qetjax.combinators import Transform, TransformedParams, transformed
 from qetjax.core import (
     Quantizer,
     check_int,
@@ -51,8 +53,6 @@ from qetjax.core import (
     register_budget,
     register_method,
 )
-from qetjax.combinators import Transform, transformed, TransformedParams
-from qetjax.codebooks import default_subvector_dim, split, store_codebook
 from qetjax.methods.pq import pq
 from qetjax.rotations import learn_rotation, random_orthogonal
 

@@ -32,10 +32,9 @@ import jax.numpy as jnp
 
 from qetjax import kmeans
 from qetjax.budget import largest_fitting
-from qetjax.core import Quantizer, check_int, check_storage_dtype, register_budget, register_method
 from qetjax.codebooks import PQCodes, default_subvector_dim, split, store_codebook
+from qetjax.core import Quantizer, check_int, check_storage_dtype, register_budget, register_method
 from qetjax.packing import code_width, pack
-
 
 
 def _training_set(x: jax.Array, subvector_dim: int, shared: bool) -> jax.Array:

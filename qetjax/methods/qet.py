@@ -33,8 +33,8 @@ from typing import Any
 
 from qetjax import swap_tree
 from qetjax.budget import budget_bits, largest_fitting
-from qetjax.core import Quantizer, check_int, register_budget, register_method, stored_bits
 from qetjax.combinators import residual, transformed
+from qetjax.core import Quantizer, check_int, register_budget, register_method, stored_bits
 from qetjax.methods.pq import pq, pq_for_budget
 from qetjax.methods.scalar import rtn_for_budget
 

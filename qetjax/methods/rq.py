@@ -48,6 +48,7 @@ from jax import lax
 
 from qetjax import kmeans
 from qetjax.budget import budget_bits
+from qetjax.codebooks import Codebook, one_hot_codes, split
 from qetjax.core import (
     Quantizer,
     check_int,
@@ -59,7 +60,6 @@ from qetjax.core import (
     stored_bits,
 )
 from qetjax.packing import code_width, pack, unpack
-from qetjax.codebooks import Codebook, one_hot_codes, split
 
 # Entries of the [rows, beam, max(k, d)] blocks of one chunk of rows.
 _BLOCK = 1 << 20
