@@ -11,11 +11,23 @@ Example:
 import importlib as _importlib
 import sys as _sys
 
-# Engines and helpers, as modules.
-from qetjax import calibration, codebooks, combinators, gptq, kmeans, kv, metrics, packing, rotations, swap_tree
+# Modules (engines, integration), the core abstraction, the methods (each registers its constructor and
+# budget solver on import), parameter trees and files, fine-tuning.
+from qetjax import (
+    calibration,
+    codebooks,
+    combinators,
+    gptq,
+    kmeans,
+    kv,
+    metrics,
+    nn,
+    packing,
+    rotations,
+    sharding,
+    swap_tree,
+)
 from qetjax.bench import data
-
-# The core abstraction.
 from qetjax.budget import for_budget
 from qetjax.combinators import residual
 from qetjax.core import (
@@ -32,12 +44,8 @@ from qetjax.core import (
     stored_bits,
 )
 from qetjax.finetune import finetune
-
-# Parameter trees and files.
 from qetjax.io import load, save
 from qetjax.methods import pvq
-
-# Methods (each registers its constructor and budget solver on import).
 from qetjax.methods.lopq import lopq
 from qetjax.methods.lsq import lsq
 from qetjax.methods.opq import opq
@@ -59,8 +67,8 @@ del _old, _new
 
 __all__ = [
     # modules
-    "calibration", "codebooks", "combinators", "data", "gptq", "kmeans", "kv", "metrics", "packing", "pvq", "rotations",
-    "swap_tree",
+    "calibration", "codebooks", "combinators", "data", "gptq", "kmeans", "kv", "metrics", "nn", "packing", "pvq",
+    "rotations", "sharding", "swap_tree",
     # the core abstraction
     "METHODS", "QuantizedArray", "Quantizer", "Spec", "bits", "dequantize", "encode_with", "fit", "for_budget",
     "quantize", "quantize_batch", "residual", "stored_bits",
