@@ -314,7 +314,11 @@ def kv_rows(s: Setup, configs: Sequence[str], budgets: Sequence[float], *, kv_ca
                 rows.append({"part": "kv", "config": text, "budget": budget, "status": f"n/a ({str(err)[:80]})"})
         for label, scheme in schemes:
             counted = kvq.cache_bits(scheme, config, 1, length)
-            ppl = perplexity(s.params, s.windows, kv=scheme)
+            try:  # a fitted method may refuse rows it was not fitted on (e.g. PVQ's per-row gain scales)
+                ppl = perplexity(s.params, s.windows, kv=scheme)
+            except ValueError as err:
+                rows.append({"part": "kv", "config": label, "budget": budget, "status": f"n/a ({str(err)[:80]})"})
+                continue
             errors = attention_errors(s.params, s.windows[:2], scheme)
             rows.append({"part": "kv", "config": label, "budget": budget, "status": "ok",
                          "code_bits_per_element": counted["codes"] / elements,
