@@ -118,9 +118,12 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return t, m.delta
 
 
-def mode_trees(qtree):
+def mode_trees(qtree, dense=None):
+    """The trees of the three modes (``dense``: the decoded tree, when ``dequantize_tree`` cannot
+    decode ``qtree`` itself, e.g. stacked layers)."""
     coded, fallbacks = qnn.on_codes(qtree)
-    return {"decode_once": qetjax.dequantize_tree(qtree), "per_layer": qtree, "codes": coded}, fallbacks
+    dense = qetjax.dequantize_tree(qtree) if dense is None else dense
+    return {"decode_once": dense, "per_layer": qtree, "codes": coded}, fallbacks
 
 
 def minilm_rows(args) -> list[str]:
@@ -195,9 +198,9 @@ def llm_rows(args) -> list[str]:
                 wanted = path.startswith("layer_") and path.endswith("kernel")
                 return qetjax.for_budget(name, leaf.shape, bits, **options) if wanted else None
 
-            qtree = llama.stack_layers(
-                qetjax.quantize_tree(jax.random.key(0), flat, policy, layout="out_in", progress=False))
-            trees, fallbacks = mode_trees(qtree)
+            flat_q = qetjax.quantize_tree(jax.random.key(0), flat, policy, layout="out_in", progress=False)
+            qtree = llama.stack_layers(flat_q)
+            trees, fallbacks = mode_trees(qtree, llama.stack_layers(qetjax.dequantize_tree(flat_q)))
             for mode, tree in trees.items():
                 if mode == "codes" and fallbacks:
                     rows.append(f"| {method} | {bits} | codes | falls back to per_layer | | | |")
