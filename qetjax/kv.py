@@ -160,11 +160,19 @@ def quantize_heads(codec: KVCodec, params: Any, x: jax.Array) -> jax.Array:
 def transform(codec: KVCodec):
     """The ``kv_transform`` hook ``(layer, k, v) -> (k̂, v̂)`` that quantizes with ``codec``.
 
+    The hook raises ``ValueError`` for a ``layer`` outside the codec's fitted layers.
+
     Example:
         >>> minilm.embed(params, **batch, kv_transform=transform(codec))
     """
 
+    num_layers = len(codec.keys)
+
     def hook(layer: int, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < num_layers:
+            raise ValueError(
+                f"layer must be an integer in [0, {num_layers}) (the codec was fitted on {num_layers} layers), got {layer!r}"
+            )
         return quantize_heads(codec, codec.keys[layer], k), quantize_heads(codec, codec.values[layer], v)
 
     return hook

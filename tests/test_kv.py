@@ -96,6 +96,9 @@ def test_fitted_codec_errors_name_the_mistake(setup):
     codec = kvq.fit_kv(jax.random.key(0), qetjax.rtn(4), kv[:1], calib["attention_mask"])
     with pytest.raises(ValueError, match="head_dim 16.*width 32"):
         kvq.transform(codec)(0, jnp.ones((1, 12, 3, 16)), jnp.ones((1, 12, 3, 16)))
+    for layer in (1, -1, 0.0, True):  # one layer fitted
+        with pytest.raises(ValueError, match=r"layer must be an integer in \[0, 1\)"):
+            kvq.transform(codec)(layer, jnp.ones((1, 12, 3, 32)), jnp.ones((1, 12, 3, 32)))
     with pytest.raises(ValueError, match="6 heads.*12"):
         kvq.quantize_heads(codec, codec.keys[0], jnp.ones((1, 6, 3, 32)))
     with pytest.raises(ValueError, match="tokens must be a positive integer"):
