@@ -47,7 +47,9 @@ class QuantizedCodebook:
 
     Attributes:
       codebook_codes: packed ``bits``-bit integers, ``S * k * d`` of them.
-      codebook_scales: ``[S, 2]`` float16 minimum and step of each subspace's codebook.
+      codebook_scales: ``[S, 2]`` minimum and step of each subspace's codebook, at the
+        storage dtype chosen like other side information (float16 by default; float32 for
+        data that float16 cannot hold, see :data:`qetjax.core.HALF_SAFE_MAGNITUDE`).
     """
 
     codebook_codes: jax.Array
@@ -63,21 +65,30 @@ class QuantizedCodebook:
         return scales[:, None, None, 0] + q * scales[:, None, None, 1]
 
 
-def quantize_codebook(c: jax.Array, bits: int) -> QuantizedCodebook:
+def quantize_codebook(c: jax.Array, bits: int, scale_dtype: str = "float16") -> QuantizedCodebook:
     """Round-to-nearest quantization of codebooks ``c[S, k, d]`` to ``bits`` bits each.
 
-    The minimum and the step are rounded to float16 first and the rounding is done
-    against those stored values, so :meth:`QuantizedCodebook.values` is what
-    encoding sees. The top level may exceed the maximum by float16 rounding of the
-    step only; values are clipped to the ``2**bits`` levels.
+    The minimum and the step are rounded to ``scale_dtype`` first and the rounding is
+    done against those stored values, so :meth:`QuantizedCodebook.values` is what
+    encoding sees. The top level may exceed the maximum by the rounding of the step
+    only; values are clipped to the ``2**bits`` levels.
+
+    Args:
+      c: codebooks ``[S, k, d]``.
+      bits: bits per codebook value.
+      scale_dtype: stored dtype of the per-codebook minimum and step (float16 holds
+        magnitudes up to 65504; :func:`qetjax.quantize` passes float32 for data beyond).
+
+    Example:
+        >>> qc = quantize_codebook(jnp.ones((2, 4, 3)), 10, "float32")
     """
     levels = (1 << bits) - 1
     lo = c.min(axis=(1, 2))
     step = (c.max(axis=(1, 2)) - lo) / levels
-    scales = jnp.stack([lo, step], axis=1).astype(jnp.float16)
-    lo16, step16 = scales[:, 0].astype(jnp.float32), scales[:, 1].astype(jnp.float32)
-    safe = jnp.where(step16 > 0, step16, 1.0)
-    q = jnp.clip(jnp.round((c - lo16[:, None, None]) / safe[:, None, None]), 0, levels)
+    scales = jnp.stack([lo, step], axis=1).astype(scale_dtype)
+    lo_s, step_s = scales[:, 0].astype(jnp.float32), scales[:, 1].astype(jnp.float32)
+    safe = jnp.where(step_s > 0, step_s, 1.0)
+    q = jnp.clip(jnp.round((c - lo_s[:, None, None]) / safe[:, None, None]), 0, levels)
     return QuantizedCodebook(pack(q.astype(jnp.uint32).reshape(-1), bits), scales, tuple(c.shape), bits)
 
 
@@ -111,9 +122,9 @@ def merge(parts: jax.Array) -> jax.Array:
 
 def store_codebook(c: jax.Array, codebook_dtype: str, codebook_bits: int | None) -> Codebook | QuantizedCodebook:
     """Codebooks ``c[S, k, d]`` as :func:`pq` stores them: rounded to ``codebook_bits``
-    (CQO) when given, else cast to ``codebook_dtype``."""
+    (CQO, with the minimum and step at ``codebook_dtype``) when given, else cast to ``codebook_dtype``."""
     if codebook_bits is not None:
-        return quantize_codebook(c, codebook_bits)
+        return quantize_codebook(c, codebook_bits, codebook_dtype)
     return Codebook(c.astype(codebook_dtype))
 
 

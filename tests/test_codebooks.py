@@ -66,6 +66,16 @@ class JitAndEagerTest(chex.TestCase):
         assert (err <= step / 2 + fp16).all() and err.max() > 0
 
 
+def test_quantized_codebook_scales_at_float32_hold_values_beyond_float16():
+    c = jax.random.normal(jax.random.key(7), (3, 7, 2)) * 1e6  # minima and steps beyond 65504
+    qc = codebooks.quantize_codebook(c, 8, "float32")
+    chex.assert_type(qc.codebook_scales, jnp.float32)
+    step = np.asarray(qc.codebook_scales[:, 1])[:, None, None]
+    assert (np.abs(np.asarray(qc.values()) - np.asarray(c)) <= step / 2 * (1 + 1e-5)).all()
+    assert not np.isfinite(np.asarray(codebooks.quantize_codebook(c, 8).codebook_scales, np.float32)).all()  # float16
+    chex.assert_type(codebooks.store_codebook(c, "float32", 8).codebook_scales, jnp.float32)
+
+
 def test_split_rejects_a_width_it_does_not_divide():
     with pytest.raises(ValueError, match="must divide the width"):
         codebooks.split(jnp.ones((2, 10)), 4)

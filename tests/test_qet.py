@@ -214,3 +214,27 @@ def test_bad_input():
         qet_residual(1, 4, 8, 3)
     with pytest.raises(TypeError, match="floating"):
         qetjax.quantize(qet(1, 4, 8), KEY, jnp.ones((16, 16), jnp.int32))
+
+
+def test_residual_preset_on_data_float16_cannot_hold_stores_float32_cqo_scales():
+    """Data scaled by 2**17 (CQO minima and steps above 65504): the preset widens its codebook
+    scales to float32 (counted in the bits) and loses nothing over the same data at unit scale."""
+    x = _x((64, 16))
+    q = qet_residual(1, 4, 8, qetjax.pq(4, 8, codebook_bits=8, iters=3), codebook_bits=8, iters=3)
+    small = qetjax.quantize(q, KEY, x)
+    big = qetjax.quantize(q, KEY, x * 2.0**17)
+    assert dict(big.spec.args)["codebook_dtype"] == "float32"
+    assert dict(dict(big.spec.args)["second"].args)["codebook_dtype"] == "float32"
+    scales = [a for p, a in jax.tree_util.tree_leaves_with_path(big.params) if "codebook_scales" in jax.tree_util.keystr(p)]
+    assert len(scales) == 2 and all(a.dtype == jnp.float32 for a in scales)
+    # two [S=4, 2] scale arrays at 32 instead of 16 bits; everything else is the same size
+    assert qetjax.bits(big)["total"] - qetjax.bits(small)["total"] == 2 * 4 * 2 * 16
+    y = qetjax.dequantize(big)
+    assert bool(jnp.isfinite(y).all())
+    rel_big = qetjax.metrics.mse(x * 2.0**17, y) / 2.0**34
+    np.testing.assert_allclose(rel_big, qetjax.metrics.mse(x, qetjax.dequantize(small)), rtol=0.05)
+
+
+def test_residual_spec_saved_before_codebook_dtype_still_loads():
+    old = Spec("qet_residual", tuple((k, v) for k, v in qet_residual(2, 4, 16, qetjax.rtn(2)).spec.args if k != "codebook_dtype"))
+    assert from_spec(old).decode is not None  # a file's spec without the later argument rebuilds with its default

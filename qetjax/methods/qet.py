@@ -86,6 +86,7 @@ def qet_residual(
     second: Quantizer,
     codebook_bits: int | None = 10,
     iters: int = 25,
+    codebook_dtype: str = "float16",
 ) -> Quantizer:
     """Residual Optimization: a QET stage, then ``second`` on its residual.
 
@@ -95,8 +96,10 @@ def qet_residual(
     than a mean), up to codebook rounding.
 
     Args:
-      levels, subvector_dim, num_centroids, codebook_bits, iters: the first
-        stage, :func:`qet`.
+      levels, subvector_dim, num_centroids, codebook_bits, iters, codebook_dtype: the
+        first stage, :func:`qet` (``codebook_dtype`` stores the CQO minimum and step of
+        its codebooks, or the codebooks themselves without ``codebook_bits``;
+        :func:`qetjax.quantize` sets it to float32 for data float16 cannot hold).
       second: any quantizer from a registered constructor, e.g.
         ``pq(64, 128, codebook_bits=10)`` (the release), ``rtn(2, 128)`` or
         ``qet(3, 64, 128)``.
@@ -104,7 +107,7 @@ def qet_residual(
     Example:
         >>> q = qet_residual(3, 64, 300, qetjax.pq(64, 120, codebook_bits=10))
     """
-    first = qet(levels, subvector_dim, num_centroids, codebook_bits=codebook_bits, iters=iters)
+    first = qet(levels, subvector_dim, num_centroids, codebook_bits=codebook_bits, codebook_dtype=codebook_dtype, iters=iters)
     return residual(first, second)
 
 
@@ -173,6 +176,7 @@ def qet_paper(
     residual_levels: int = 3,
     residual_group_size: int | None = None,
     iters: int = 25,
+    codebook_dtype: str = "float16",
 ) -> Quantizer:
     """The QET paper's Residual Optimization preset under a bits-per-element budget.
 
@@ -197,6 +201,8 @@ def qet_paper(
       residual_group_size: group size of an ``"rtn"`` second stage (default:
         searched).
       iters: k-means iterations.
+      codebook_dtype: storage of the PQ/QET stages' codebooks (their CQO minimum and
+        step with ``codebook_bits``).
 
     Returns:
       A :func:`qet_residual` quantizer.
@@ -214,7 +220,7 @@ def qet_paper(
     if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 < split < 1:
         raise ValueError(f"split must be a number in (0, 1), got {split!r}")
     d = _subvector_dim(shape[1], subvector_dim, subspaces)
-    cb = {"codebook_bits": codebook_bits, "iters": iters}
+    cb = {"codebook_bits": codebook_bits, "iters": iters, "codebook_dtype": codebook_dtype}
     first = qet_for_budget(shape, split * bits_per_element, levels, subvector_dim=d, **cb)
     rest = (budget_bits(shape, bits_per_element) - stored_bits(first, shape)) / (shape[0] * shape[1])
     if residual_stage == "pq":
@@ -224,4 +230,4 @@ def qet_paper(
     else:
         second = rtn_for_budget(shape, rest, group_size=residual_group_size)
     k1 = dict(first.spec.args)["num_centroids"]
-    return qet_residual(levels, d, k1, second, codebook_bits=codebook_bits, iters=iters)
+    return qet_residual(levels, d, k1, second, codebook_bits=codebook_bits, iters=iters, codebook_dtype=codebook_dtype)
