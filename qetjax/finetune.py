@@ -93,21 +93,29 @@ def trainable_mask(qtree: Any, train_unquantized: bool = False) -> Any:
     return jax.tree.map(one, qtree, is_leaf=_is_qa)
 
 
-def default_optimizer(learning_rate: float = 1e-3) -> optax.GradientTransformation:
+def default_optimizer(learning_rate: float | optax.Schedule = 1e-3) -> optax.GradientTransformation:
     """Adam with updates relative to each leaf's size: ``optax.chain(scale_by_adam,
-    scale_by_param_block_rms, scale(-learning_rate))``.
+    scale_by_param_block_rms, scale_by_learning_rate(learning_rate))``.
 
     Side information comes at very different scales (PVQ gain levels in ``[0, 1]``, fp16 row
     scales of 1e-2, codebook entries of 1e-1), so each leaf's Adam step is multiplied by the
-    RMS of the leaf: ``learning_rate`` is a relative change per step.
+    RMS of the leaf: ``learning_rate`` is a relative change per step. It may be an optax
+    schedule (a function of the step count), e.g. ``optax.cosine_decay_schedule(3e-3, 300)``.
+
+    Raises:
+      ValueError: a learning rate that is not a positive finite number or a schedule (callable).
 
     Example:
         >>> tuned = finetune(qtree, loss, batches, optimizer=default_optimizer(3e-4))
+        >>> opt = default_optimizer(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 10, 300))
     """
-    if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
-        raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate!r}")
+    if not callable(learning_rate) and not (
+            isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool)
+            and math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be a positive finite number or an optax schedule, got {learning_rate!r}")
+    rate = learning_rate if callable(learning_rate) else float(learning_rate)
     return optax.chain(optax.scale_by_adam(), optax.scale_by_param_block_rms(min_scale=1e-6),
-                       optax.scale(-float(learning_rate)))
+                       optax.scale_by_learning_rate(rate))
 
 
 # --------------------------------------------------------------------------- batches
@@ -298,7 +306,9 @@ def finetune(
       train_unquantized: also train the floating leaves outside the quantized arrays (norms,
         biases, unquantized embeddings), re-stored at their dtypes too.
       progress: show a tqdm progress bar with the training and held-out losses.
-      callback: called as ``callback(step, train_loss, held_out_loss_or_None)`` after every step.
+      callback: called as ``callback(step, train_loss, held_out_loss_or_None)`` after every step;
+        a true return value stops the run there (e.g. a wall-clock budget), after a last
+        held-out evaluation of the current state.
 
     Returns:
       A tree of ``qtree``'s structure: the trained float leaves (of the best held-out
@@ -368,9 +378,12 @@ def finetune(
             else:
                 waited += 1
         bar.set_postfix(loss=f"{value:.4g}", **({} if best is None else {"held_out": f"{best:.4g}"}))
-        if callback is not None:
-            callback(step, value, current)
-        if held_out and waited >= patience:
+        stop = bool(callback(step, value, current)) if callback is not None else False
+        if stop and held_out and current is None:  # the steps since the last evaluation count too
+            current = held_loss(masters)
+            if current < best:
+                best, best_masters = current, masters
+        if stop or (held_out and waited >= patience):
             break
     bar.close()
     final = best_masters if held_out else masters

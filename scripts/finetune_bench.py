@@ -20,24 +20,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
+import optax
 
-from qetjax.bench import memory
+from qetjax import io as qio
+from qetjax.bench import memory, smollm2
 from qetjax.bench import minilm as bench
 from qetjax.bench.config import parse_config
-from qetjax.finetune import cosine_loss, default_optimizer, embedding_batches, finetune
-from qetjax.models import minilm
-from qetjax.tree import tree_bits
+from qetjax.core import QuantizedArray
+from qetjax.finetune import cosine_loss, default_optimizer, embedding_batches, finetune, kl_loss
+from qetjax.models import llama, minilm
+from qetjax.tree import dequantize_tree, path_str, tree_bits
 
 KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def _embed(params, batch):
     return minilm.embed(params, **batch)
+
+
+def optimizer(args: argparse.Namespace) -> optax.GradientTransformation:
+    """:func:`qetjax.finetune.default_optimizer` at ``--lr``, constant or cosine-decayed over ``--steps``."""
+    if args.schedule == "cosine":
+        return default_optimizer(optax.cosine_decay_schedule(args.lr, max(args.steps, 1), alpha=0.1))
+    return optimizer(args)
+
+
+def _deadline(args: argparse.Namespace) -> Callable[[], bool]:
+    """True once ``--max-seconds`` have passed since this call (never without it)."""
+    end = time.perf_counter() + args.max_seconds if args.max_seconds else None
+    return lambda: end is not None and time.perf_counter() > end
 
 
 def calibration_batches(s: bench.Setup, batch_size: int) -> dict:
@@ -53,7 +72,8 @@ def run_one(s: bench.Setup, batches: dict, label: str, bits: float, args: argpar
     row = {"config": label, "budget": bits}
     t0 = time.perf_counter()
     try:
-        qtree = jax.block_until_ready(bench.quantize_model(s.params, config, "linear", bits, calib=s.calib))
+        cache = os.path.join(args.cache, f"minilm-{label}-{bits}.qet") if args.cache else None
+        qtree = _cached(cache, lambda: bench.quantize_model(s.params, config, "linear", bits, calib=s.calib))
     except ValueError as err:
         return {**row, "status": f"n/a ({str(err)[:80]})"}
     row["quantize_s"] = time.perf_counter() - t0
@@ -61,16 +81,18 @@ def run_one(s: bench.Setup, batches: dict, label: str, bits: float, args: argpar
     before = bench.evaluate(qtree, s.batches, s.reference)
     steps, held = [], []
 
-    def callback(step: int, value: float, held_out: float | None) -> None:
+    def callback(step: int, value: float, held_out: float | None) -> bool:
         steps.append(value)
         if held_out is not None:
             held.append(held_out)
             print(f"# {label} {bits}: step {step} loss {value:.4f} held-out {held_out:.4f}", file=sys.stderr, flush=True)
+        return out_of_time()
 
     t0 = time.perf_counter()
+    out_of_time = _deadline(args)
     with memory.RssPeak() as peak:
         tuned = jax.block_until_ready(finetune(
-            qtree, cosine_loss(_embed), batches, default_optimizer(args.lr), steps=args.steps, held_out=args.held_out,
+            qtree, cosine_loss(_embed), batches, optimizer(args), steps=args.steps, held_out=args.held_out,
             eval_every=args.eval_every, patience=args.patience, progress=not args.no_progress, callback=callback))
     seconds = time.perf_counter() - t0
     if tree_bits(tuned) != tree_bits(qtree):
@@ -81,35 +103,93 @@ def run_one(s: bench.Setup, batches: dict, label: str, bits: float, args: argpar
             "held_out_best": min(held) if held else None, "finetune_s": seconds, "peak_MiB": peak.delta / 2**20}
 
 
-def run_llm(label: str, bits: float, args: argparse.Namespace) -> dict:
-    """SmolLM2-135M: perplexity before and after fine-tuning on the next-token KL to the fp32 model
-    (calibration windows only; the evaluation windows of :mod:`qetjax.bench.smollm2`)."""
-    from qetjax.bench import smollm2
-    from qetjax.finetune import kl_loss
-    from qetjax.models import llama
-    from qetjax.tree import dequantize_tree
+def _cached(path: str | None, make: Callable[[], Any], template: Callable[[dict], Any] | None = None) -> Any:
+    """The quantized tree saved at ``path`` (:mod:`qetjax.io`), else ``make()``, saved there when a path is
+    given. Only the quantized leaves are saved (by path); ``template(saved)`` rebuilds the whole tree."""
+    if path and os.path.exists(path):
+        saved = qio.load(path)
+        return template(saved) if template else saved
+    tree = jax.block_until_ready(make())
+    if path:
+        if template:
+            leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_qa)[0]
+            qio.save(path, {path_str(p): x for p, x in leaves if _is_qa(x)})
+        else:
+            qio.save(path, tree)
+    return tree
 
-    s = smollm2.setup(windows=args.llm_windows, window=args.llm_window, calib_windows=args.llm_calib_windows)
+
+def _is_qa(x: Any) -> bool:
+    return isinstance(x, QuantizedArray)
+
+
+def _replace_by_path(tree: Any, leaves: dict) -> Any:
+    """``tree`` with the leaves whose ``/``-joined path is a key of ``leaves`` replaced."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    missing = set(leaves) - {path_str(p) for p, _ in flat}
+    if missing:
+        raise ValueError(f"saved quantized leaves not in the model: {sorted(missing)[:3]}")
+    return jax.tree_util.tree_unflatten(treedef, [leaves.get(path_str(p), x) for p, x in flat])
+
+
+def _llm_logits(p: Any, b: Any) -> jax.Array:
+    return llama.logits(llama.stack_layers(p), b["input_ids"])
+
+
+def run_llm(s: smollm2.Setup, label: str, bits: float, args: argparse.Namespace) -> dict:
+    """SmolLM2-135M: perplexity before and after fine-tuning on the next-token KL to the fp32 model.
+
+    Training batches: ``--llm-calib-windows`` windows of ``--llm-calib-window`` tokens of the frozen
+    calibration text, ``--llm-batch`` windows a batch (the last ``--held-out`` batches for early
+    stopping); evaluation: :mod:`qetjax.bench.smollm2`'s windows of the evaluation text (``--quick``:
+    8 x 256 tokens), never trained on.
+    """
     config = parse_config(label)
     row = {"model": "smollm2", "config": label, "budget": bits, "ppl_fp32": s.reference_ppl}
+    ids = smollm2.token_windows("calib", args.llm_calib_windows * args.llm_batch, args.llm_calib_window)
+
+    def make() -> Any:
+        inputs = None
+        if config.gptq:
+            inputs = smollm2.calibration_inputs(s.params, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        return smollm2.quantize_weights(s.params, config, bits, inputs=inputs)
+
+    flat = llama.unstack_layers(s.params)
+    cache = os.path.join(args.cache, f"smollm2-{label}-{bits}.qet") if args.cache else None
     t0 = time.perf_counter()
-    inputs = smollm2.calibration_inputs(s.params, s.calib) if config.gptq else None
-    qtree = jax.block_until_ready(smollm2.quantize_weights(s.params, config, bits, inputs=inputs))
+    qtree = _cached(cache, make, lambda saved: _replace_by_path(flat, saved))
     row["quantize_s"] = time.perf_counter() - t0
     row["bpw"] = tree_bits(qtree).quantized_bits_per_weight
     ppl = lambda tree: smollm2.perplexity(llama.stack_layers(dequantize_tree(tree)), s.windows)
     row["ppl_before"] = ppl(qtree)
-    logits = lambda p, b: llama.logits(llama.stack_layers(p), b["input_ids"])
-    ids = s.calib["input_ids"][:, None, :]  # one window per batch
-    batches = {"inputs": {"input_ids": ids}, "mask": np.ones(ids.shape, np.float32)}
-    steps = []
+    print(f"# {label} {bits}: {row['bpw']:.3f} bits/weight, ppl {row['ppl_before']:.3f} (fp32 {s.reference_ppl:.3f})",
+          file=sys.stderr, flush=True)
+    ids = ids.reshape(args.llm_calib_windows, args.llm_batch, args.llm_calib_window)
+    mask = np.ones(ids.shape, np.float32)
+    mask[..., -1] = 0.0  # the last position's next token is not in the window
+    batches = {"inputs": {"input_ids": ids}, "mask": mask}
+    losses, held_losses, times = [], [], [time.perf_counter()]
+
+    def callback(step: int, value: float, held: float | None) -> bool:
+        losses.append(value)
+        times.append(time.perf_counter())
+        if held is not None:
+            held_losses.append(held)
+        print(f"# {label} {bits}: step {step} loss {value:.4f} {times[-1] - times[-2]:.1f} s"
+              + ("" if held is None else f" held-out {held:.4f}"), file=sys.stderr, flush=True)
+        return out_of_time()
+
     t0 = time.perf_counter()
+    out_of_time = _deadline(args)
     with memory.RssPeak() as peak:
         tuned = jax.block_until_ready(finetune(
-            qtree, kl_loss(logits, llama.unstack_layers(s.params)), batches, default_optimizer(args.lr),
+            qtree, kl_loss(_llm_logits, flat), batches, optimizer(args),
             steps=args.steps, held_out=args.held_out, eval_every=args.eval_every, patience=args.patience,
-            progress=not args.no_progress, callback=lambda step, value, held: steps.append(value)))
-    row |= {"finetune_s": time.perf_counter() - t0, "peak_MiB": peak.delta / 2**20, "steps": len(steps)}
+            progress=not args.no_progress, callback=callback))
+    row |= {"finetune_s": time.perf_counter() - t0, "peak_MiB": peak.delta / 2**20, "steps": len(losses),
+            "step_s_median": float(np.median(np.diff(times))) if len(times) > 1 else None,
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+            "held_out_best": min(held_losses) if held_losses else None}
     if tree_bits(tuned) != tree_bits(qtree):
         raise AssertionError(f"{label} at {bits}: stored bits changed by fine-tuning")
     row["ppl_after"] = ppl(tuned)
@@ -139,20 +219,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: the rate decays from --lr to a tenth of it over --steps")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop fine-tuning a row after this many seconds")
     p.add_argument("--held-out", type=int, default=4, help="calibration batches kept for early stopping")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
-    p.add_argument("--llm-windows", type=int, default=4, help="SmolLM2 evaluation windows")
-    p.add_argument("--llm-window", type=int, default=128, help="tokens per SmolLM2 window")
-    p.add_argument("--llm-calib-windows", type=int, default=24, help="SmolLM2 calibration windows (one a batch)")
+    p.add_argument("--llm-windows", type=int, default=8, help="SmolLM2 evaluation windows (8 x 256: the --quick size)")
+    p.add_argument("--llm-window", type=int, default=256, help="tokens per SmolLM2 evaluation window")
+    p.add_argument("--llm-calib-windows", type=int, default=24, help="SmolLM2 calibration batches (held-out ones included)")
+    p.add_argument("--llm-calib-window", type=int, default=128, help="tokens per SmolLM2 calibration window")
+    p.add_argument("--llm-batch", type=int, default=1, help="SmolLM2 calibration windows per batch")
+    p.add_argument("--cache", default=None, help="directory to save quantized trees in and reuse them from (qetjax.io)")
     p.add_argument("--out", default="finetune_bench.jsonl")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.model == "smollm2":
+        s = smollm2.setup(windows=args.llm_windows, window=args.llm_window, calib_windows=1)
         for label in args.methods:
             for bits in args.bits:
-                row = run_llm(label, bits, args)
+                row = run_llm(s, label, bits, args)
                 print(json.dumps(row), flush=True)
                 with open(args.out, "a") as f:
                     f.write(json.dumps({**row, "args": vars(args)}) + "\n")

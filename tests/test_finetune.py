@@ -193,6 +193,39 @@ def test_loss_decreases_with_the_default_optimizer():
     assert np.all(np.diff(values[:20]) < 0)  # a smooth problem: the first steps only go down
 
 
+def test_default_optimizer_takes_a_schedule():
+    w = _weights()
+    qtree = {"w": _perturbed_pq(w, "float32")}
+    loss = lambda params, batch: jnp.mean(jnp.square(params["w"] - w))
+    run = lambda opt: finetune(qtree, loss, np.zeros((2, 1), np.float32), opt, steps=8, held_out=0, progress=False)
+    same = run(default_optimizer(optax.constant_schedule(1e-2)))
+    chex.assert_trees_all_close(same, run(default_optimizer(1e-2)))
+    frozen = run(default_optimizer(lambda step: 0.0 * step))  # a zero rate: nothing moves
+    chex.assert_trees_all_equal(frozen, qtree)
+    decayed = run(default_optimizer(optax.linear_schedule(1e-2, 0.0, 8)))
+    moved = lambda t: float(jnp.max(jnp.abs(qetjax.dequantize(t["w"]) - qetjax.dequantize(qtree["w"]))))
+    assert 0.0 < moved(decayed) < moved(same)  # a decaying rate moves less than its start held
+
+
+def test_callback_stops_the_run():
+    w = _weights()
+    qtree = {"w": _perturbed_pq(w, "float32")}
+    loss, x = _output_loss(w), _inputs(4)
+    calls = []
+
+    def stop_at_4(step, value, held):
+        calls.append((step, held))
+        return step == 4
+
+    stopped = finetune(qtree, loss, x, default_optimizer(1e-2), steps=100, held_out=1, eval_every=50,
+                       progress=False, callback=stop_at_4)
+    assert [s for s, _ in calls] == [0, 1, 2, 3, 4] and all(h is None for _, h in calls)
+    # the same as a 5-step run, which evaluates its last state on the held-out batch too
+    chex.assert_trees_all_equal(stopped, finetune(qtree, loss, x, default_optimizer(1e-2), steps=5, held_out=1,
+                                                  eval_every=50, progress=False))
+    assert not jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), stopped, qtree))
+
+
 def test_stored_dtypes_kept_and_unquantized_leaves_optional():
     w = _weights()
     q = qetjax.rtn(2, group_size=16, scale_dtype="bfloat16")
@@ -235,6 +268,8 @@ def test_bad_input():
         finetune(qtree, loss, x, steps=-1)
     with pytest.raises(ValueError, match="learning_rate"):
         default_optimizer(float("nan"))
+    with pytest.raises(ValueError, match="learning_rate"):
+        default_optimizer(True)
     with pytest.raises(ValueError, match="training loss"):
         finetune(qtree, lambda p, b: jnp.sum(p["w"]) * jnp.inf, x, held_out=0, steps=2, progress=False)
 
