@@ -8,16 +8,22 @@ process computes alone (``qetjax.quantize`` / ``qetjax.gptq.quantize`` on one de
 stored array must be equal, bit for bit (exit status 1 otherwise).
 
 ``--bench`` also runs each method on one device and on 8 simulated devices in one process
-(``--xla_force_host_platform_device_count=8``), each configuration in a fresh process, and
-prints wall time (first pass, with compilation, and a second pass), peak resident memory per
-process and the communication (collectives counted in the compiled programs), as a markdown
-table for BENCHMARKS.md.
+(``--xla_force_host_platform_device_count=8``), each configuration in a fresh process, one
+after the other (``--configs`` picks some), and prints, per method: the wall time of a first
+pass over the first layer's leaves (compiling every program: all layers have the same
+shapes), of a compiled pass over all leaves (each leaf timed), the peak resident memory per
+process and the communication (collectives counted in the compiled programs of the first
+layer's leaves, times the layers), as markdown tables for BENCHMARKS.md, with the time
+projected for 8 and 64 real devices (:func:`projections`). Each configuration's measurements
+are printed as a ``RUN`` JSON line as soon as it ends; ``--project LOG...`` prints the
+tables again from such lines.
 
 Examples::
 
     python scripts/distributed_quantize.py --quick                     # CI: synthetic leaves, 2 processes
     python scripts/distributed_quantize.py --model smollm2 --layers 2  # real leaves, check only
-    nice -n 5 python scripts/distributed_quantize.py --bench --model smollm2 --layers 2
+    nice -n 5 python scripts/distributed_quantize.py --bench --model smollm2 --layers 4 > run.log
+    python scripts/distributed_quantize.py --project run.log --model smollm2 --layers 4
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import time
 from typing import Any
 
 METHODS = ("rtn", "pq", "pq-shared", "pvq", "gptq")
+CONFIGS = {"single": "1 device", "simulated": "8 simulated devices, 1 process", "distributed": "2 processes x 1 device"}
 
 
 def _leaves(model: str, layers: int) -> list[tuple[str, Any]]:
@@ -84,8 +91,19 @@ def _calibration(path: str, width: int, samples: int):
     return np.random.default_rng(seed).standard_normal((samples, width)).astype(np.float32)
 
 
+def _leaf_comm(logs: list, per_layer: int, count: int) -> tuple[list[float], list[int]]:
+    """Bytes per device and collective calls of each of ``count`` leaves, from those of the first
+    layer's ``per_layer`` leaves (every layer's leaves have the same shapes: the same programs)."""
+    return [logs[i % per_layer][0] for i in range(count)], [logs[i % per_layer][1] for i in range(count)]
+
+
 def worker(args: argparse.Namespace) -> dict:
-    """One process of a run: quantize every leaf with every method, time, gather, check."""
+    """One process of a run: quantize every leaf with every method, time, gather, check.
+
+    Per method: a first pass over the first layer's leaves (compiling every program, since
+    all layers have the same shapes), a timed compiled pass over all leaves (each leaf timed),
+    and, on several devices, the collectives of each of the first layer's leaves.
+    """
     import jax
 
     if args.role == "distributed":
@@ -98,11 +116,20 @@ def worker(args: argparse.Namespace) -> dict:
     from qetjax import gptq, sharding
     from qetjax.tree import leaf_key
 
-    leaves = _leaves(args.model, args.layers)[: args.leaves]
+    every = _leaves(args.model, args.layers)
+    per_layer = len(every) // args.layers
+    leaves = every[: args.leaves]
+    warm = leaves[:per_layer]
     key = jax.random.key(0)
+    if args.role == "plan":  # which leaves split on meshes of 8 and of all devices (e.g. 64)
+        return {"splits": {str(n): {m: [sharding.splits(_quantizer(m, w.shape, args.quick), w.shape,
+                                                        jax.make_mesh((n,), ("data",), devices=jax.devices()[:n]))
+                                        for _, w in leaves] for m in args.methods}
+                           for n in sorted({8, len(jax.devices())})}}
     mesh = jax.make_mesh((len(jax.devices()),), ("data",), devices=jax.devices())
     rank = jax.process_index()
-    report: dict = {"role": args.role, "process": rank, "devices": len(jax.devices()), "methods": {}}
+    report: dict = {"role": args.role, "process": rank, "devices": len(jax.devices()), "per_layer": per_layer,
+                    "paths": [p for p, _ in leaves], "methods": {}}
 
     def run(method: str, path: str, w: np.ndarray) -> qetjax.QuantizedArray:
         q = _quantizer(method, w.shape, args.quick)
@@ -116,21 +143,27 @@ def worker(args: argparse.Namespace) -> dict:
             return qetjax.quantize(q, k, w)
         return sharding.quantize_leaf(q, k, w, mesh)
 
-    def one_pass(method: str) -> tuple[float, list]:
+    def timed(method: str, path: str, w: np.ndarray) -> tuple[float, qetjax.QuantizedArray]:
         start = time.perf_counter()
-        out = [jax.block_until_ready(run(method, p, w)) for p, w in leaves]
-        return time.perf_counter() - start, out
+        qa = jax.block_until_ready(run(method, path, w))
+        return time.perf_counter() - start, qa
 
     for method in args.methods:
-        first, out = one_pass(method)
-        entry = {"first_s": first, "leaves": len(leaves),
+        start = time.perf_counter()
+        out = [timed(method, p, w)[1] for p, w in warm]
+        entry = {"first_s": time.perf_counter() - start, "first_leaves": len(warm), "leaves": len(leaves),
                  "split": sum(sharding.splits(_quantizer(method, w.shape, args.quick), w.shape, mesh) for _, w in leaves)}
-        if not args.check:  # benchmark: a second, compiled pass, then one that counts the collectives
-            entry["second_s"], out = one_pass(method)
+        if not args.check or len(warm) < len(leaves):
+            times, out = zip(*[timed(method, p, w) for p, w in leaves])
+            entry["leaf_s"], entry["second_s"], out = list(times), sum(times), list(out)
         if args.role != "single" and not args.check:
-            with sharding.record_communication() as comm:
-                out = [jax.block_until_ready(run(method, p, w)) for p, w in leaves]
-            entry.update(comm_per_device=comm.per_device, comm_steps=comm.steps, comm_payload=comm.payload)
+            logs = []
+            for p, w in warm:
+                with sharding.record_communication() as comm:
+                    jax.block_until_ready(run(method, p, w))
+                logs.append((comm.per_device, comm.steps))
+            entry["leaf_comm"], entry["leaf_steps"] = _leaf_comm(logs, per_layer, len(leaves))
+            entry["comm_per_device"], entry["comm_steps"] = sum(entry["leaf_comm"]), sum(entry["leaf_steps"])
         if args.check:
             # Every process takes part in the gathers; process 0 compares with one device alone.
             gathered = [[multihost_utils.process_allgather(a, tiled=True) if not a.is_fully_addressable else np.asarray(a)
@@ -180,8 +213,8 @@ def _launch(args: argparse.Namespace, role: str, processes: int, devices: int) -
 
 
 def _bench_table(runs: dict[str, list[dict]], methods: list[str]) -> str:
-    rows = ["| method | configuration | leaves split | first pass (s) | second pass (s) | peak RSS per process (MB) | "
-            "communication per device per pass | collective steps |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | configuration | leaves split | first layer, compiling (s) | all leaves, compiled (s) | "
+            "peak RSS per process (MB) | communication per device | collective calls |", "|---|---|---|---|---|---|---|---|"]
     for method in methods:
         for name, reports in runs.items():
             e = [r["methods"][method] for r in reports]
@@ -199,9 +232,10 @@ def _bench_table(runs: dict[str, list[dict]], methods: list[str]) -> str:
 LINKS = {8: (100e9, 5e-6), 64: (25e9, 10e-6)}
 
 
-def replicated_seconds(method: str, leaves: list, quick: bool, samples: int) -> float:
-    """One device's compiled time of the parts :mod:`qetjax.sharding` does not split: GPTQ's
-    damped inverse Cholesky factor, shared-codebook PQ's subsample and k-means++ seeding."""
+def replicated_seconds(method: str, leaves: list, quick: bool, samples: int) -> list[float]:
+    """Per leaf, one device's compiled time of the parts :mod:`qetjax.sharding` does not split:
+    GPTQ's damped inverse Cholesky factor, shared-codebook PQ's subsample and k-means++ seeding
+    (measured once per leaf shape: the same program on the same shape)."""
     import functools
 
     import jax
@@ -209,44 +243,76 @@ def replicated_seconds(method: str, leaves: list, quick: bool, samples: int) -> 
     from qetjax import gptq, kmeans
     from qetjax.codebooks import split
 
-    total = 0.0
+    seconds: dict[tuple, float] = {}
+    out = []
     for path, w in leaves:
-        q = _quantizer(method, w.shape, quick)
-        if method == "gptq":
-            h = gptq.hessian(_calibration(path, w.shape[1], samples))
-            fn, args = jax.jit(gptq.inverse_cholesky, static_argnums=1), (h, 0.01)
-        elif method == "pq-shared":
-            a = dict(q.spec.args)
-            fn = jax.jit(functools.partial(kmeans.seed, k=a["num_centroids"], init=a["init"],
-                                           max_points_per_centroid=a["max_points_per_centroid"]))
-            args = (jax.random.key(0), split(jax.numpy.asarray(w), a["subvector_dim"]).reshape(1, -1, a["subvector_dim"]))
-        else:
+        if method not in ("gptq", "pq-shared"):
+            out.append(0.0)
             continue
-        jax.block_until_ready(fn(*args))
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        total += time.perf_counter() - start
+        if w.shape not in seconds:
+            q = _quantizer(method, w.shape, quick)
+            if method == "gptq":
+                h = gptq.hessian(_calibration(path, w.shape[1], samples))
+                fn, args = jax.jit(gptq.inverse_cholesky, static_argnums=1), (h, 0.01)
+            else:
+                a = dict(q.spec.args)
+                fn = jax.jit(functools.partial(kmeans.seed, k=a["num_centroids"], init=a["init"],
+                                               max_points_per_centroid=a["max_points_per_centroid"]))
+                args = (jax.random.key(0), split(jax.numpy.asarray(w), a["subvector_dim"]).reshape(1, -1, a["subvector_dim"]))
+            jax.block_until_ready(fn(*args))
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            seconds[w.shape] = time.perf_counter() - start
+        out.append(seconds[w.shape])
+    return out
+
+
+def project(t: list[float], r: list[float], comm: list[float], steps: list[int], split: list[bool], n: int) -> float:
+    """Projected seconds on ``n`` real devices: a leaf that splits costs ``(t - r) / n + r`` plus
+    its collectives (bytes per device measured on 8 devices, scaled by ``((n-1)/n) / (7/8)``, at
+    :data:`LINKS`' bandwidth, and ``2 (n - 1)`` hops per collective call); a leaf that does not
+    split is quantized whole on one device, ``t`` (``quantize_tree`` runs one leaf at a time)."""
+    bandwidth, hop = LINKS[n]
+    total = 0.0
+    for ti, ri, ci, si, ok in zip(t, r, comm, steps, split):
+        total += (ti - ri) / n + ri + ci * ((n - 1) / n) / (7 / 8) / bandwidth + si * 2 * (n - 1) * hop if ok else ti
     return total
 
 
-def projections(runs: dict, methods: list[str], replicated: dict[str, float]) -> str:
-    """Projected seconds on 8 and 64 real devices from one device's compiled time ``T1``, the
-    unsplit part ``R``, and the collectives counted on 8 simulated devices (bytes ``C``, calls ``S``):
-    ``(T1 - R) / N + R + C_N / bandwidth + S * 2 (N - 1) * hop latency``, ``C_64 = C_8 * (63/64) / (7/8)``."""
+def round_robin(t: list[float], n: int) -> float:
+    """Seconds if every leaf were quantized whole on one device, leaves dealt to ``n`` devices in
+    turn and run concurrently (no communication): the busiest device's sum."""
+    return max(sum(t[i::n]) for i in range(n))
+
+
+def projections(runs: dict, methods: list[str], replicated: dict[str, list[float]], splits: dict) -> str:
+    """The projection table (see :func:`project`) from one device's per-leaf compiled times ``t``,
+    the unsplit parts ``r``, and the collectives counted per leaf on 8 simulated devices."""
     one = runs["1 device"][0]["methods"]
     sim = runs["8 simulated devices, 1 process"][0]["methods"]
-    rows = ["| method | T1, 1 device (s) | unsplit R (s) | C per device (MiB) | collective calls | "
-            "projected 8 devices (s) | speedup | projected 64 devices (s) | speedup |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | T1, 1 device (s) | unsplit R (s) | C per device (MiB) | collective calls | leaves split on 8 / 64 | "
+            "projected 8 devices (s) | speedup | projected 64 devices (s) | speedup | whole leaves in turn, 8 / 64 (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
-        t1, r = one[m]["second_s"], replicated.get(m, 0.0)
-        c8, steps = sim[m]["comm_per_device"], sim[m]["comm_steps"]
+        t, r = one[m]["leaf_s"], replicated[m]
+        comm, steps = sim[m]["leaf_comm"], sim[m]["leaf_steps"]
         cells = []
-        for n, (bandwidth, hop) in LINKS.items():
-            c = c8 * ((n - 1) / n) / (7 / 8)
-            t = (t1 - r) / n + r + c / bandwidth + steps * 2 * (n - 1) * hop
-            cells += [f"{t:.3f}", f"{t1 / t:.1f}x"]
-        rows.append(f"| {m} | {t1:.3f} | {r:.3f} | {c8 / 2**20:.2f} | {steps} | " + " | ".join(cells) + " |")
+        for n in LINKS:
+            p = project(t, r, comm, steps, splits[str(n)][m], n)
+            cells += [f"{p:.2f}", f"{sum(t) / p:.1f}x"]
+        ok = "/".join(f"{sum(splits[str(n)][m])}" for n in LINKS)
+        rows.append(f"| {m} | {sum(t):.2f} | {sum(r):.2f} | {sum(comm) / 2**20:.2f} | {sum(steps)} | {ok} of {len(t)} | "
+                    + " | ".join(cells) + f" | {round_robin(t, 8):.2f} / {round_robin(t, 64):.2f} |")
     return "\n".join(rows)
+
+
+def _project(args: argparse.Namespace, runs: dict) -> None:
+    """Prints the projection table: which leaves split on 8 and 64 devices (a worker with 64
+    simulated devices plans them), the unsplit parts measured here, :func:`projections`."""
+    splits = _launch(args, "plan", 1, 64)[0]["splits"]
+    leaves = _leaves(args.model, args.layers)[: args.leaves]
+    replicated = {m: replicated_seconds(m, leaves, args.quick, args.samples) for m in args.methods}
+    print(projections(runs, args.methods, replicated, splits))
 
 
 def main() -> None:
@@ -259,8 +325,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256, help="calibration rows per GPTQ leaf (Gaussian)")
     parser.add_argument("--quick", action="store_true", help="small configurations (CI)")
     parser.add_argument("--bench", action="store_true", help="also one device and 8 simulated devices; a table")
-    parser.add_argument("--timeout", type=float, default=3000)
-    parser.add_argument("--project", metavar="JSON", help="print the projections from a saved --bench JSON line")
+    parser.add_argument("--timeout", type=float, default=14400, help="seconds per configuration")
+    parser.add_argument("--configs", default="single,simulated,distributed",
+                        help="with --bench: which of single (1 device), simulated (8 devices, 1 process), distributed")
+    parser.add_argument("--project", metavar="LOG", nargs="+", help="print the tables again from saved --bench output")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--role", default="distributed", help=argparse.SUPPRESS)
     parser.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
@@ -275,25 +343,30 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
-    if args.project:
-        with open(args.project) as f:
-            runs = json.loads(f.read().splitlines()[-1])
-        leaves = _leaves(args.model, args.layers)[: args.leaves]
-        replicated = {m: replicated_seconds(m, leaves, args.quick, args.samples) for m in args.methods}
-        print(projections(runs, args.methods, replicated))
+    if args.project:  # the tables again from saved --bench output (RUN lines), e.g. one file per configuration
+        runs = {}
+        for name in args.project:
+            with open(name) as f:
+                runs.update(json.loads(line[4:]) for line in f if line.startswith("RUN "))
+        runs = {name: runs[name] for name in CONFIGS.values() if name in runs}
+        print(_bench_table(runs, args.methods))
+        if "1 device" in runs and "8 simulated devices, 1 process" in runs:
+            _project(args, runs)
         return
     args.check = not args.bench
+    configs = args.configs.split(",") if args.bench else ["distributed"]
     runs = {}
-    if args.bench:
-        runs["1 device"] = _launch(args, "single", 1, 1)
-        runs["8 simulated devices, 1 process"] = _launch(args, "simulated", 1, 8)
-    runs[f"{args.processes} processes x 1 device"] = _launch(args, "distributed", args.processes, 1)
+    for config in configs:
+        if config not in CONFIGS:
+            parser.error(f"unknown configuration {config!r}; choose from {sorted(CONFIGS)}")
+        name = CONFIGS[config].replace("2 processes", f"{args.processes} processes")
+        runs[name] = _launch(args, config, args.processes if config == "distributed" else 1, 8 if config == "simulated" else 1)
+        if args.bench:  # each configuration's reports as soon as measured: --project reprints the tables from them
+            print("RUN " + json.dumps([name, runs[name]]), flush=True)
     if args.bench:
         print(_bench_table(runs, args.methods))
-        leaves = _leaves(args.model, args.layers)[: args.leaves]
-        print(projections(runs, args.methods, {m: replicated_seconds(m, leaves, args.quick, args.samples)
-                                               for m in args.methods}))
-        print(json.dumps(runs))
+        if "1 device" in runs and "8 simulated devices, 1 process" in runs:
+            _project(args, runs)
         return
     reports = runs[f"{args.processes} processes x 1 device"]
     equal = {m: e["equal"] for r in reports if r["process"] == 0 for m, e in r["methods"].items()}
