@@ -239,6 +239,17 @@ def test_budget_solver_mixes_rates_to_fit_integer_budgets():
     assert dict(qetjax.for_budget("trellis", (384, 384), 2.5).spec.args)["sequence_length"] == 128
     with pytest.raises(ValueError, match="too small"):
         qetjax.for_budget("trellis", (64, 64), 0.9)
+
+
+@pytest.mark.parametrize("budget, bits, state_bits", [(2.0, 2, 16), (3.0, 3, 16), (4.0, 4, 17), (4.5, 5, 18)])
+def test_budget_solver_default_state_bits_keep_13_tail_bits(budget, bits, state_bits):
+    # L = max(16, k + 13): QTIP's 16 up to 3 bits, 17 at 4 (L = 16 leaves only 2**12 predecessor windows there)
+    args = dict(qetjax.for_budget("trellis", (64, 512), budget).spec.args)
+    assert (args["bits"], args["state_bits"]) == (bits, state_bits)
+    assert args["state_bits"] - args["bits"] >= tr.MIN_TAIL_BITS
+    assert (tr.default_state_bits(1), tr.default_state_bits(8)) == (16, tr.MAX_STATE_BITS)
+    # an explicit state_bits is kept at every rate
+    assert dict(qetjax.for_budget("trellis", (64, 512), budget, state_bits=12).spec.args)["state_bits"] == 12
     with pytest.raises(ValueError, match="sequence_length"):  # no sequence length divides 100
         qetjax.for_budget("trellis", (64, 100), 2.0)
 
