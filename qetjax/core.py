@@ -161,12 +161,44 @@ def _thaw(v: Any) -> Any:
     return v
 
 
+INT32_MAX = 2**31 - 1
+"""The largest integer argument a constructor accepts: JAX computes with 32-bit integers here."""
+
+
+def _check_annotated(method: str, param: inspect.Parameter, value: Any) -> None:
+    """Checks ``value`` against a ``bool``/``int``/``float`` annotation (optionally ``| None``) of ``param``.
+
+    Raises:
+      TypeError: a value of another type (``"no"`` or ``1`` for a bool, ``2.5`` or ``True`` for an int).
+      ValueError: an int outside ``[-INT32_MAX - 1, INT32_MAX]``, a float that is NaN or infinite.
+    """
+    ann = param.annotation if isinstance(param.annotation, str) else getattr(param.annotation, "__name__", "")
+    kinds = {part.strip() for part in ann.split("|")}
+    base = kinds - {"None"}
+    if len(base) != 1 or not base <= {"bool", "int", "float"} or (value is None and "None" in kinds):
+        return
+    kind, where = base.pop(), f"{method}: {param.name}"
+    is_bool = isinstance(value, (bool, np.bool_))
+    if kind == "bool":
+        if not is_bool:
+            raise TypeError(f"{where} must be a bool (True or False), got {value!r}")
+    elif is_bool or not isinstance(value, (int, np.integer) if kind == "int" else (int, float, np.integer, np.floating)):
+        raise TypeError(f"{where} must be {'an int' if kind == 'int' else 'a number'}, got {type(value).__name__} {value!r}")
+    elif kind == "int" and not -INT32_MAX - 1 <= value <= INT32_MAX:
+        raise ValueError(f"{where} must be at most {INT32_MAX} in magnitude (JAX computes with 32-bit integers), got {value}")
+    elif kind == "float" and not np.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value}")
+
+
 def register_method(name: str) -> Callable[[Callable[..., Quantizer]], Callable[..., Quantizer]]:
     """Registers a quantizer constructor under ``name``.
 
     The wrapped constructor returns a :class:`Quantizer` carrying its
     :class:`Spec`; equal arguments return the identical object, so jit caches
-    keyed on the quantizer hit across calls.
+    keyed on the quantizer hit across calls. Arguments annotated ``bool``,
+    ``int`` or ``float`` (optionally ``| None``) are checked for every method
+    before it sees them: a bool must be a bool (not ``"no"`` or ``1``), an int an
+    int within 32 bits (:data:`INT32_MAX`), a float a finite number.
 
     Example:
         >>> @register_method("identity")
@@ -180,6 +212,8 @@ def register_method(name: str) -> Callable[[Callable[..., Quantizer]], Callable[
         def constructor(*args: Any, **kwargs: Any) -> Quantizer:
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
+            for key, value in bound.arguments.items():
+                _check_annotated(name, sig.parameters[key], value)
             spec = Spec(name, tuple((k, _freeze(v)) for k, v in bound.arguments.items()))
             return from_spec(spec)
 

@@ -12,7 +12,9 @@ Every case is run and classified:
   of memory.
 
 Areas: ``data:<method>`` (quantize/encode_with/keys/large and tiny values, for every registered
-method with a budget solver, so new methods are swept automatically), ``budget``,
+method: the configurations of ``tests/test_contract.py``, its budget solver's choice on the first
+of the contract's ``CONFIGS`` it fits or its ``EXAMPLES`` entry, so new methods are swept
+automatically and the sweep and the contract test try the same quantizers), ``budget``,
 ``constructors`` (every argument of every registered constructor, from its signature),
 ``tree``, ``files``, ``forged`` (files with a valid checksum and a hostile spec), ``kv`` and
 ``core``. Each area runs in its own subprocess, watched for time and memory.
@@ -139,37 +141,65 @@ def check_decode(x: Any, min_snr: float | None) -> Callable[[Any], str | None]:
     return check
 
 
-BASE_CONFIGS = (((64, 32), 3.0), ((256, 64), 3.0), ((256, 64), 6.0), ((1024, 16), 4.0))
+def contract() -> Any:
+    """``tests/test_contract.py``: its per-method examples (``CONFIGS``, ``FAST``, ``EXAMPLES``,
+    ``NAMES``) are the sweep's, so the contract test and the sweep try the same configurations."""
+    import importlib
 
-
-# Fewer iterations for the slow trainers (every case runs a fit); the cases do not depend on them.
-FAST = {
-    "lsq": {"train_iters": 2, "encode_ils_iters": 1, "train_ils_iters": 1, "icm_iters": 1},
-    "opq": {"iters": 2, "init_iters": 2, "kmeans_iters": 2},
-    "lopq": {"iters": 2, "pq_iters": 1, "init_iters": 2, "kmeans_iters": 2},
-    "rq": {"iters": 3},
-    "pq": {"iters": 5},
-    "qet": {"iters": 5},
-    "qet_residual": {"iters": 5},
-}
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    return importlib.import_module("test_contract")
 
 
 def fast_budget(method: str, shape: Any, bpe: Any) -> Any:
-    """``qetjax.for_budget`` with the :data:`FAST` options of ``method``."""
+    """``qetjax.for_budget`` with the contract's fast options (``FAST``) of ``method``."""
     import qetjax
 
-    return qetjax.for_budget(method, shape, bpe, **FAST.get(method, {}))
+    return qetjax.for_budget(method, shape, bpe, **contract().FAST.get(method, {}))
 
 
 def base_config(method: str) -> tuple[tuple[int, int], float]:
-    """The first ordinary (shape, budget) of :data:`BASE_CONFIGS` the method's solver fits."""
-    for shape, bpe in BASE_CONFIGS:
+    """The first ordinary (shape, budget) of the contract's ``CONFIGS`` the method's solver fits."""
+    for shape, bpe in contract().CONFIGS:
         try:
             fast_budget(method, shape, bpe)
         except ValueError:
             continue
         return shape, bpe
-    raise ValueError(f"{method} fits none of {BASE_CONFIGS}")
+    raise ValueError(f"{method} fits none of {contract().CONFIGS}")
+
+
+def example(method: str) -> tuple[Any, tuple[int, int], float | None]:
+    """``(q, shape, budget)`` of ``method`` as the contract test builds it: the budget solver's choice
+    on the first configuration it fits, or the contract's ``EXAMPLES`` entry (budget ``None``)."""
+    c = contract()
+    if method in c.EXAMPLES:
+        return c.EXAMPLES[method](), c.CONFIGS[0][0], None
+    shape, budget = base_config(method)
+    return fast_budget(method, shape, budget), shape, budget
+
+
+def versus_rtn(x: Any, budget: float | None, q: Any, min_snr: float) -> Callable[[Any], str | None]:
+    """:func:`check_decode` with ``min_snr``; a reconstruction below it is reported beside plain RTN's
+    SQNR at the same bits per element and the configuration, so the table says where a method loses
+    to the simplest baseline on this data (a quality limit of the method, not a crash)."""
+    import jax
+
+    import qetjax
+
+    base = check_decode(x, min_snr)
+
+    def check(qa: Any) -> str | None:
+        problem = base(qa)
+        if problem is None or not problem.startswith("SQNR"):
+            return problem
+        bpe = budget if budget is not None else qa.bits_per_element
+        r = qetjax.quantize(qetjax.for_budget("rtn", x.shape, bpe), jax.random.key(1), x)
+        args = {k: v for k, v in qa.spec.args if not isinstance(v, qetjax.core.Spec)}
+        return f"{problem}; plain RTN at {bpe:g} bits/element: {sqnr(x, qetjax.dequantize(r)):.2f} dB ({qa.spec.name} {args})"
+
+    return check
 
 
 def data_cases(method: str) -> Iterator[Case]:
@@ -179,11 +209,10 @@ def data_cases(method: str) -> Iterator[Case]:
     import qetjax
 
     np = _np()
-    shape, budget = base_config(method)
+    q, shape, budget = example(method)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
     key = jax.random.key(1)
-    q = fast_budget(method, shape, budget)
     base = sqnr(x, qetjax.dequantize(qetjax.quantize(q, key, x)))
     same = base - 1.0  # scaling the data must not cost more than 1 dB
 
@@ -223,7 +252,7 @@ def data_cases(method: str) -> Iterator[Case]:
         yield label, quant(xs), check_decode(xs, same if scale >= 1e-38 else 0.0)
     xo = x.copy()
     xo[7, 11] = 7e4
-    yield "one entry 7e4", quant(xo), check_decode(xo, 0.0)
+    yield "one entry 7e4", quant(xo), versus_rtn(xo, budget, q, 0.0)
     xo = x.copy()
     xo[7, 11] = 3e38
     yield "one entry 3e38", quant(xo), check_decode(xo, 0.0)
@@ -239,7 +268,8 @@ def data_cases(method: str) -> Iterator[Case]:
         quant(rng.standard_normal((shape[0], shape[1] + 1)).astype(np.float32)),
         check_decode(np.zeros((shape[0], shape[1] + 1)), None),
     )
-    yield "rank-1 matrix", quant(np.outer(x[:, 0], x[0])), Must(check_decode(np.outer(x[:, 0], x[0]), 0.0))
+    rank1 = np.outer(x[:, 0], x[0])
+    yield "rank-1 matrix", quant(rank1), Must(versus_rtn(rank1, budget, q, 0.0))
     # Keys.
     yield "legacy uint32 key", quant(x, jax.random.PRNGKey(0)), check_decode(x, 0.0)
     for label, bad_key in [
@@ -268,7 +298,11 @@ def data_cases(method: str) -> Iterator[Case]:
     yield (
         "bits == stored_bits <= budget",
         bits_honest,
-        Must(lambda r: None if r[0] == r[1] <= budget * x.size else f"bits {r[0]}, stored_bits {r[1]}, budget {budget * x.size}"),
+        Must(
+            lambda r: None
+            if r[0] == r[1] <= (budget * x.size if budget is not None else r[1])
+            else f"bits {r[0]}, stored_bits {r[1]}, budget {budget and budget * x.size}"
+        ),
     )
     # Fit once, encode many.
     params = qetjax.fit(q, key, x)
@@ -288,7 +322,7 @@ def data_cases(method: str) -> Iterator[Case]:
     half = x2[: shape[0] // 2]
     yield "encode_with half the rows", lambda: qetjax.encode_with(q, params, half), check_decode(half, 0.0)
     other = "rtn" if method != "rtn" else "pq"
-    p_other = qetjax.fit(qetjax.for_budget(other, shape, budget), key, x)
+    p_other = qetjax.fit(qetjax.for_budget(other, shape, budget or 3.0), key, x)
     same_state = stateless and not jax.tree_util.tree_leaves(p_other)  # both fit nothing: the "other" params are ours
     yield (
         f"encode_with {other}'s params",
@@ -397,13 +431,12 @@ def constructor_cases() -> Iterator[Case]:
     np = _np()
 
     for method in sorted(n for n, m in METHODS.items() if m.budget is not None):
-        shape, budget = base_config(method)
+        base, shape, _ = example(method)
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
         def builds_and_works(make: Callable[[], Any], x: Any = x) -> Callable[[], Any]:
             return lambda: qetjax.quantize(make(), jax.random.key(0), x)
 
-        base = fast_budget(method, shape, budget)
         args = dict(base.spec.args)
         sig = METHODS[method].constructor._signature
         ctor = METHODS[method].constructor
@@ -777,11 +810,7 @@ def core_cases() -> Iterator[Case]:
 
 
 def areas() -> list[str]:
-    import qetjax  # noqa: F401  (registers the methods)
-    from qetjax.core import METHODS
-
-    methods = sorted(n for n, m in METHODS.items() if m.budget is not None)
-    return [f"data:{m}" for m in methods] + ["budget", "constructors", "tree", "files", "forged", "kv", "core"]
+    return [f"data:{m}" for m in contract().NAMES] + ["budget", "constructors", "tree", "files", "forged", "kv", "core"]
 
 
 def cases_of(area: str) -> Iterator[Case]:

@@ -282,6 +282,33 @@ def test_register_method_and_budget():
         core.from_spec(core.Spec("_test_core_no_such_method", ()))
 
 
+@pytest.mark.parametrize(
+    "make, err, match",
+    [
+        (lambda: qetjax.pq(4, 16, shared_codebook="no"), TypeError, "pq: shared_codebook must be a bool"),
+        (lambda: qetjax.pq(4, 16, shared_codebook=1), TypeError, "pq: shared_codebook must be a bool"),
+        (lambda: qetjax.pq(4, 16, shared_codebook=None), TypeError, "pq: shared_codebook must be a bool"),
+        (lambda: qetjax.pq(4, 16, iters=10**12), ValueError, "pq: iters must be at most 2147483647"),
+        (lambda: qetjax.pq(4, 16, max_points_per_centroid=-(2**40)), ValueError, "in magnitude"),
+        (lambda: qetjax.pq(4, 16, iters=2.5), TypeError, "pq: iters must be an int, got float"),
+        (lambda: qetjax.pq(4, True), TypeError, "pq: num_centroids must be an int, got bool"),
+        (lambda: qetjax.pq(4, 16, codebook_bits="8"), TypeError, "codebook_bits must be an int"),
+        (lambda: qetjax.lsq(2, 16, regularization=float("inf")), ValueError, "lsq: regularization must be a finite"),
+        (lambda: qetjax.lsq(2, 16, regularization=float("nan")), ValueError, "must be a finite"),
+        (lambda: qetjax.lsq(2, 16, regularization="0.1"), TypeError, "lsq: regularization must be a number"),
+    ],
+)
+def test_constructor_arguments_checked_from_their_annotations(make, err, match):
+    with pytest.raises(err, match=match):
+        make()
+
+
+def test_annotation_checks_accept_numpy_scalars_and_none():
+    assert qetjax.rtn(np.int64(3), symmetric=np.bool_(True)) is qetjax.rtn(3, symmetric=True)
+    assert qetjax.pq(4, 16, codebook_bits=None, iters=core.INT32_MAX).spec.args[5] == ("iters", core.INT32_MAX)
+    assert dict(qetjax.lsq(2, 16, regularization=np.float32(0.5)).spec.args)["regularization"] == 0.5
+
+
 # --------------------------------------------------------------------------- bad input
 
 
