@@ -325,6 +325,32 @@ def test_calibration_capture_on_the_unrolled_layers(small, reference):
     assert len(stages) == 8
 
 
+def test_hessian_inputs_carry_the_batched_hessian_and_give_gptq_the_same_result(small):
+    import qetjax
+    from qetjax import gptq
+    from qetjax.bench import smollm2 as bench
+
+    ids = bench.token_windows("calib", 3, 24)
+    calib = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    raw = bench.calibration_inputs(small, calib)  # one capture of all 3 windows
+    roots = bench.hessian_inputs(small, calib, batch_windows=2)  # captured 2 + 1 windows, reduced
+    assert set(roots) == set(raw) and len(roots) == 14
+    assert roots["layer_0/k_proj/kernel"] is roots["layer_0/q_proj/kernel"]  # one input, one Hessian
+    assert roots["layer_1/down_proj/kernel"] is not roots["layer_1/up_proj/kernel"]
+    for p in ("layer_0/q_proj/kernel", "layer_1/o_proj/kernel", "layer_1/down_proj/kernel"):
+        x, r = raw[p].astype(np.float64), roots[p].astype(np.float64)
+        assert r.shape == (x.shape[1], x.shape[1])
+        h = x.T @ x / x.shape[0]
+        np.testing.assert_allclose(r.T @ r / r.shape[0], h, atol=1e-4 * np.abs(h).max(), rtol=0)
+    p = "layer_1/o_proj/kernel"
+    w = jnp.asarray(llama.unstack_layers(small)["layer_1"]["o_proj"]["kernel"]).T
+    q = qetjax.rtn(3, group_size=32)
+    errors = [gptq.output_error(w, qetjax.dequantize(gptq.quantize(q, jax.random.key(0), w, x)), raw[p])
+              for x in (raw[p], roots[p])]
+    assert errors[0] < 0.5 * gptq.output_error(w, qetjax.dequantize(qetjax.quantize(q, jax.random.key(0), w)), raw[p])
+    np.testing.assert_allclose(errors[1], errors[0], rtol=0.02)
+
+
 def test_frozen_corpora_are_disjoint_and_long_enough(smollm2):
     from qetjax.bench import corpus
     from qetjax.bench import smollm2 as bench

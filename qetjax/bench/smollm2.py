@@ -11,7 +11,8 @@ Parts (each a list of result rows, printed with :func:`qetjax.bench.report.markd
   quantized as ``[out, in]``: rows are output channels, groups run along the inputs; the tied
   embedding is kept in float32) with each configuration's budget solver at each budget;
   ``+gptq`` compensates on calibration inputs captured with :mod:`qetjax.calibration` from the
-  model's unrolled layers (all inputs from the fp32 model, one capture); ``+mixed`` spreads the
+  model's unrolled layers (all inputs from the fp32 model, captured 4 windows at a time and reduced
+  to each kernel's Hessian: :func:`hessian_inputs`); ``+mixed`` spreads the
   budget over the kernels by their measured output error on those inputs. Rows: stored
   bits/weight of the quantized kernels, perplexity, its ratio to fp32, quantize seconds and the
   peak RSS above the process's before quantizing.
@@ -141,6 +142,43 @@ def calibration_inputs(params: Any, calib: Mapping[str, Any]) -> dict[str, np.nd
     return calibration.dense_inputs(apply, flat, calib, select=LINEAR, mask=calib["attention_mask"])
 
 
+def hessian_inputs(params: Any, calib: Mapping[str, Any], batch_windows: int = 4) -> dict[str, np.ndarray]:
+    """Per linear kernel, a square ``R[in, in]`` with the Hessian of all its calibration inputs.
+
+    The inputs ``X`` of every kernel (:func:`calibration_inputs`) are captured ``batch_windows``
+    windows at a time and reduced to ``H = X^T X / tokens`` (float64 sums); ``R = sqrt(in) *
+    diag(sqrt(λ)) V^T`` from ``H = V diag(λ) V^T`` then has ``R^T R / in = H``. Passed as the
+    inputs of :func:`qetjax.gptq.quantize` (whose Hessian is ``x^T x / rows``) or of
+    :func:`mixed_budgets` (whose error ``||x Δ^T||² / rows`` is ``tr(Δ H Δ^T)`` either way), it
+    gives the same result as the raw inputs, while memory and time no longer grow with the
+    calibration size (GPTQ uses far more calibration tokens than one capture holds).
+
+    Example:
+        >>> h = hessian_inputs(params, s.calib)  # h["layer_0/q_proj/kernel"].shape == (576, 576)
+    """
+    ids, mask = np.asarray(calib["input_ids"]), np.asarray(calib["attention_mask"])
+    owner: dict[str, str] = {}  # kernels called on one input (q/k/v, gate/up) share its Hessian
+    sums: dict[str, np.ndarray] = {}
+    tokens: dict[str, int] = {}
+    for start in range(0, len(ids), batch_windows):
+        part = {"input_ids": ids[start:start + batch_windows], "attention_mask": mask[start:start + batch_windows]}
+        captured = calibration_inputs(params, part)
+        for p, x in captured.items():
+            if p not in owner:  # the first kernel of its layer called on an equal input, else itself
+                layer = p.split("/")[0]
+                owner[p] = next((o for o in sums if o.split("/")[0] == layer and captured[o].shape == x.shape
+                                 and np.array_equal(captured[o], x)), p)
+            if owner[p] == p:
+                gram = (x.T @ x).astype(np.float64)
+                sums[p] = sums[p] + gram if p in sums else gram
+                tokens[p] = tokens.get(p, 0) + x.shape[0]
+    roots = {}
+    for p, total in sums.items():
+        lam, v = np.linalg.eigh(total / tokens[p])
+        roots[p] = (np.sqrt(v.shape[0] * np.maximum(lam, 0.0))[:, None] * v.T).astype(np.float32)
+    return {p: roots[o] for p, o in owner.items()}
+
+
 def quantize_weights(params: Any, config: Config, bits_per_weight: float | Mapping[str, float], *,
                      inputs: Mapping[str, np.ndarray] | None = None, key: jax.Array | None = None) -> Any:
     """The unstacked tree (:func:`~qetjax.models.llama.unstack_layers`) with every linear kernel quantized.
@@ -201,7 +239,7 @@ def weight_rows(s: Setup, configs: Sequence[str], budgets: Sequence[float], *,
     for text in configs:
         config = parse_config(text)
         if (config.gptq or config.mixed) and inputs is None:
-            inputs = calibration_inputs(s.params, s.calib)
+            inputs = hessian_inputs(s.params, s.calib)
         for budget in budgets:
             row = {"part": "weights", "config": text, "budget": budget}
             t0 = time.perf_counter()
@@ -419,8 +457,11 @@ def run(configs: Sequence[str], budgets: Sequence[float], *, parts: Sequence[str
 
 def report_rows(quick: bool, bits: Sequence[float], methods: Sequence[str] = WEIGHT_CONFIGS,
                 kv_methods: Sequence[str] = KV_CONFIGS, parts: Sequence[str] = ("weights", "kv", "speed"),
-                progress: bool = True, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+                progress: bool = True, on_row: Callable[[dict], None] | None = None,
+                calib_windows: int | None = None) -> list[dict]:
     """:func:`run` at the ``--quick`` or full :data:`SIZES` with a tqdm progress bar (the command-line runs).
+
+    ``calib_windows`` overrides the size's number of calibration windows (GPTQ, mixed budgets).
 
     ``on_row(row)`` is called after each row (e.g. to print or log it, or to drop compiled code
     with ``jax.clear_caches()``: each configuration compiles anew, so a long run's memory grows).
@@ -435,9 +476,12 @@ def report_rows(quick: bool, bits: Sequence[float], methods: Sequence[str] = WEI
             if on_row is not None:
                 on_row(row)
 
-        return run(methods, bits, parts=["reference", *parts], kv_configs=kv_methods, on_row=step,
-                   **SIZES["quick" if quick else "full"])
+        size = dict(SIZES["quick" if quick else "full"])
+        if calib_windows is not None:
+            size["calib_windows"] = calib_windows
+        return run(methods, bits, parts=["reference", *parts], kv_configs=kv_methods, on_row=step, **size)
 
 
-__all__ = ["SIZES", "Setup", "attention_errors", "calibration_inputs", "corpus_tokens", "kv_rows", "mixed_budgets",
-           "perplexity", "quantize_weights", "report_rows", "run", "setup", "speed_rows", "token_windows", "weight_rows"]
+__all__ = ["SIZES", "Setup", "attention_errors", "calibration_inputs", "corpus_tokens", "hessian_inputs", "kv_rows",
+           "mixed_budgets", "perplexity", "quantize_weights", "report_rows", "run", "setup", "speed_rows",
+           "token_windows", "weight_rows"]
