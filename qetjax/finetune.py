@@ -366,7 +366,9 @@ def finetune(
         trained = [v if t else None for v, t in zip(values, trained_at)]
         fixed = [None if t else v for v, t in zip(values, trained_at)]
         value, grads = _loss_and_grad(trained, fixed, loss, _take(stacked, step % train_count), treedef=treedef)
+        del values, trained, fixed  # the decoded arrays (a model's size): free them before the next ones
         masters, opt_state = _update(masters, _grads(entries, masters, grads), opt_state, optimizer=optimizer)
+        del grads
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"the training loss became {value} at step {step}; lower the learning rate")

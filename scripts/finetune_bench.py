@@ -50,7 +50,7 @@ def optimizer(args: argparse.Namespace) -> optax.GradientTransformation:
     """:func:`qetjax.finetune.default_optimizer` at ``--lr``, constant or cosine-decayed over ``--steps``."""
     if args.schedule == "cosine":
         return default_optimizer(optax.cosine_decay_schedule(args.lr, max(args.steps, 1), alpha=0.1))
-    return optimizer(args)
+    return default_optimizer(args.lr)
 
 
 def _deadline(args: argparse.Namespace) -> Callable[[], bool]:
@@ -133,7 +133,8 @@ def _replace_by_path(tree: Any, leaves: dict) -> Any:
 
 
 def _llm_logits(p: Any, b: Any) -> jax.Array:
-    return llama.logits(llama.stack_layers(p), b["input_ids"])
+    """Logits of a stacked SmolLM2 tree (the fp32 reference) or an unstacked one (the tuned tree's decode)."""
+    return llama.logits(p if "layers" in p else llama.stack_layers(p), b["input_ids"])
 
 
 def run_llm(s: smollm2.Setup, label: str, bits: float, args: argparse.Namespace) -> dict:
@@ -154,10 +155,9 @@ def run_llm(s: smollm2.Setup, label: str, bits: float, args: argparse.Namespace)
             inputs = smollm2.calibration_inputs(s.params, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
         return smollm2.quantize_weights(s.params, config, bits, inputs=inputs)
 
-    flat = llama.unstack_layers(s.params)
     cache = os.path.join(args.cache, f"smollm2-{label}-{bits}.qet") if args.cache else None
     t0 = time.perf_counter()
-    qtree = _cached(cache, make, lambda saved: _replace_by_path(flat, saved))
+    qtree = _cached(cache, make, lambda saved: _replace_by_path(llama.unstack_layers(s.params), saved))
     row["quantize_s"] = time.perf_counter() - t0
     row["bpw"] = tree_bits(qtree).quantized_bits_per_weight
     ppl = lambda tree: smollm2.perplexity(llama.stack_layers(dequantize_tree(tree)), s.windows)
@@ -183,7 +183,7 @@ def run_llm(s: smollm2.Setup, label: str, bits: float, args: argparse.Namespace)
     out_of_time = _deadline(args)
     with memory.RssPeak() as peak:
         tuned = jax.block_until_ready(finetune(
-            qtree, kl_loss(_llm_logits, flat), batches, optimizer(args),
+            qtree, kl_loss(_llm_logits, s.params), batches, optimizer(args),
             steps=args.steps, held_out=args.held_out, eval_every=args.eval_every, patience=args.patience,
             progress=not args.no_progress, callback=callback))
     row |= {"finetune_s": time.perf_counter() - t0, "peak_MiB": peak.delta / 2**20, "steps": len(losses),
