@@ -160,3 +160,28 @@ def test_bad_input(gaussian):
         qetjax.quantize(qetjax.pvq(24, 4, 2), jax.random.key(0), gaussian)
     with pytest.raises(ValueError, match="NaN"):
         qetjax.quantize(qetjax.pvq(8, 4, 2), jax.random.key(0), gaussian.at[0, 0].set(jnp.nan))
+
+
+def test_rotation_per_row_chunk_gives_the_codes_of_rotating_the_whole_matrix(monkeypatch):
+    """PVQ rotates each chunk of rows as it projects it (no rotated copy of the whole matrix): the
+    params and codes are those of the rotation combinator in front of unrotated PVQ, bit for bit,
+    and do not depend on the chunk size."""
+    from qetjax.combinators import transformed
+    from qetjax.methods.pvq import quantizer
+    from qetjax.rotations import hadamard_block, hadamard_transform
+
+    shape, kw = (7, 64), dict(group_size=32, pulses=12, gain_bits=3)
+    x = jax.random.normal(jax.random.key(4), shape)
+    key = jax.random.key(5)
+    q = qetjax.pvq(**kw)
+    reference = transformed(hadamard_transform(hadamard_block(kw["group_size"])), qetjax.pvq(**kw, rotate=False))
+    run = lambda qq: jax.jit(lambda k, v: (lambda p: (p, qq.encode(p, v)))(qq.fit(k, v)))(key, x)  # noqa: E731
+    want = run(reference)
+    got = run(q)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    monkeypatch.setattr(quantizer, "CHUNK_ELEMENTS", shape[1] * 2)  # chunks of a row or two
+    assert quantizer._row_chunk(shape[0], shape[1], 2) == 1
+    for a, b in zip(jax.tree_util.tree_leaves(run(q)), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(a, b)

@@ -34,13 +34,14 @@ Example:
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from qetjax import packing
 from qetjax.budget import budget_bits
-from qetjax.combinators import transformed
+from qetjax.combinators import TransformedCodes, TransformedParams
 from qetjax.core import (
     Quantizer,
     check_int,
@@ -53,7 +54,7 @@ from qetjax.core import (
 )
 from qetjax.methods.pvq import enumeration, projection, split
 from qetjax.methods.pvq import gains as gain_lib
-from qetjax.rotations import hadamard_block, hadamard_transform
+from qetjax.rotations import HadamardParams, hadamard_block, hadamard_transform, randomized_hadamard
 
 GAIN_SCALES = ("row", "tensor")
 MAX_PULSES = 16384
@@ -119,13 +120,24 @@ def _row_chunk(n: int, d: int, limbs: int) -> int:
     return max(1, min(n, CHUNK_ELEMENTS // (d * limbs)))
 
 
-def _row_shapes_and_gains(row: jax.Array, pulses: int, method: str) -> tuple[jax.Array, jax.Array]:
-    """Pyramid points ``int32[G, D]`` and gains ``float32[G]`` of one row's groups ``row[G, D]``.
+Turn = Callable[[jax.Array], jax.Array]
+"""A function applied to each row's groups ``[G, D]`` before projecting them: the rotation inside
+each group (applied row chunk by row chunk, so no rotated copy of the whole matrix is held), or
+the identity."""
+
+
+def _same(rows: jax.Array) -> jax.Array:
+    return rows
+
+
+def _row_shapes_and_gains(row: jax.Array, pulses: int, method: str, turn: Turn = _same) -> tuple[jax.Array, jax.Array]:
+    """Pyramid points ``int32[G, D]`` and gains ``float32[G]`` of one row's groups ``turn(row[G, D])``.
 
     The row is scaled by a power of two (exact) to a maximum magnitude in ``[0.5, 1)`` before the
     projection, so sums and squares cannot overflow or underflow for any finite float32 input;
     the gains are scaled back (exact again), so ordinary data gives bit-identical results.
     """
+    row = turn(row)
     _, exponent = jnp.frexp(jnp.abs(row).max())
     y = projection.project(jnp.ldexp(row, -exponent), pulses, method)
     gain = jnp.maximum(projection.correlation(jnp.ldexp(row, -exponent), y), 0.0)
@@ -138,10 +150,10 @@ def _grouped(x: jax.Array, group_size: int) -> jax.Array:
     return x.reshape(n, d // group_size, group_size)
 
 
-def _gains(x: jax.Array, group_size: int, pulses: int, method: str) -> jax.Array:
+def _gains(x: jax.Array, group_size: int, pulses: int, method: str, turn: Turn = _same) -> jax.Array:
     """Gains ``float32[n, G]`` of the groups of ``x``, computed in chunks of rows."""
     n, d = x.shape
-    one = lambda row: _row_shapes_and_gains(row, pulses, method)[1]
+    one = lambda row: _row_shapes_and_gains(row, pulses, method, turn)[1]
     return jax.lax.map(one, _grouped(x, group_size), batch_size=_row_chunk(n, d, 2))
 
 
@@ -165,82 +177,104 @@ def shape_bits(group_size: int, pulses: int, index: str = "joint") -> int:
     return enumeration.index_bits(group_size, pulses)
 
 
-def _pvq(group_size: int, pulses: int, gain_bits: int, projection_method: str, gains: str,
-         gain_scale: str, scale_dtype: str, index: str = "joint") -> Quantizer:
+class _Stages(NamedTuple):
+    """PVQ's fit, encode and decode in the rotated domain; fit and encode take the row ``Turn``."""
+
+    fit: Callable[[jax.Array, Turn], PVQParams]
+    encode: Callable[[PVQParams, jax.Array, Turn], PVQCodes]
+    decode: Callable[[PVQParams, PVQCodes], jax.Array]
+
+
+def _stages(group_size: int, pulses: int, gain_bits: int, projection_method: str, gains: str,
+            gain_scale: str, scale_dtype: str, index: str) -> _Stages:
     tables = lambda: enumeration.graph_tables(group_size, pulses)
     width = enumeration.index_bits(group_size, pulses)
-    if index == "split":
-        return _pvq_split(group_size, pulses, gain_bits, projection_method, gains, gain_scale, scale_dtype)
 
-    def fit(key: jax.Array, x: jax.Array) -> PVQParams:
-        g = _gains(x, group_size, pulses, projection_method)
+    def fit(x: jax.Array, turn: Turn) -> PVQParams:
+        g = _gains(x, group_size, pulses, projection_method, turn)
         scales = _scales(g, gain_scale, scale_dtype)
         levels = gain_lib.fit_levels(_normalized(g, scales).reshape(-1), gain_bits, gains)
         return PVQParams(jnp.sort(levels.astype(jnp.float16)), scales)
 
-    def encode(params: PVQParams, x: jax.Array) -> PVQCodes:
+    def check_rows(params: PVQParams, x: jax.Array) -> None:
         if gain_scale == "row" and x.shape[0] != params.scales.shape[0]:
             raise ValueError(
                 f"x has {x.shape[0]} rows but the params were fitted on {params.scales.shape[0]}; "
                 'use gain_scale="tensor" to encode other rows'
             )
+
+    def gain_codes(params: PVQParams, g: jax.Array) -> jax.Array:
+        levels = gain_lib.assign(_normalized(g, params.scales), params.codebook.astype(jnp.float32))
+        return packing.pack(levels.reshape(-1), gain_bits)
+
+    def gained(params: PVQParams, codes: PVQCodes, y: jax.Array) -> jax.Array:
+        count = codes.rows * codes.groups_per_row
+        u = y / jnp.sqrt((y * y).sum(-1, keepdims=True))
+        level = params.codebook.astype(jnp.float32)[packing.unpack(codes.gains, gain_bits, count)]
+        gain = level.reshape(codes.rows, codes.groups_per_row) * params.scales.astype(jnp.float32)[:, None]
+        return (gain[..., None] * u.reshape(codes.rows, codes.groups_per_row, group_size)).reshape(codes.rows, -1)
+
+    def encode_joint(params: PVQParams, x: jax.Array, turn: Turn) -> PVQCodes:
+        check_rows(params, x)
         t = tables()
 
         def one(row: jax.Array) -> tuple[jax.Array, jax.Array]:  # a row's indices [G, L] and gains [G]
-            y, g = _row_shapes_and_gains(row, pulses, projection_method)
+            y, g = _row_shapes_and_gains(row, pulses, projection_method, turn)
             return enumeration.encode_limbs(y, t), g
 
         n, d = x.shape
-        index, g = jax.lax.map(one, _grouped(x, group_size), batch_size=_row_chunk(n, d, 2 + t.limbs))
-        gain_codes = gain_lib.assign(_normalized(g, params.scales), params.codebook.astype(jnp.float32))
-        return PVQCodes(
-            packing.pack_limbs(index.reshape(-1, t.limbs), width),
-            packing.pack(gain_codes.reshape(-1), gain_bits),
-            n,
-            d // group_size,
-        )
+        idx, g = jax.lax.map(one, _grouped(x, group_size), batch_size=_row_chunk(n, d, 2 + t.limbs))
+        return PVQCodes(packing.pack_limbs(idx.reshape(-1, t.limbs), width), gain_codes(params, g), n, d // group_size)
 
-    def decode(params: PVQParams, codes: PVQCodes) -> jax.Array:
+    def decode_joint(params: PVQParams, codes: PVQCodes) -> jax.Array:
         t = tables()
-        count = codes.rows * codes.groups_per_row
-        index = packing.unpack_limbs(codes.codes, width, count)
-        index = jnp.pad(index, ((0, 0), (0, t.limbs - index.shape[1])))
-        y = enumeration.decode_limbs(index, t).astype(jnp.float32)
-        u = y / jnp.sqrt((y * y).sum(-1, keepdims=True))
-        level = params.codebook.astype(jnp.float32)[packing.unpack(codes.gains, gain_bits, count)]
-        gain = level.reshape(codes.rows, codes.groups_per_row) * params.scales.astype(jnp.float32)[:, None]
-        return (gain[..., None] * u.reshape(codes.rows, codes.groups_per_row, group_size)).reshape(codes.rows, -1)
+        idx = packing.unpack_limbs(codes.codes, width, codes.rows * codes.groups_per_row)
+        idx = jnp.pad(idx, ((0, 0), (0, t.limbs - idx.shape[1])))
+        return gained(params, codes, enumeration.decode_limbs(idx, t).astype(jnp.float32))
+
+    def encode_split(params: PVQParams, x: jax.Array, turn: Turn) -> PVQCodes:
+        check_rows(params, x)
+        n, d = x.shape
+        one = lambda row: _row_shapes_and_gains(row, pulses, projection_method, turn)
+        y, g = jax.lax.map(one, _grouped(x, group_size), batch_size=_row_chunk(n, d, 3))
+        return PVQCodes(split.encode(y.reshape(-1, group_size), group_size, pulses), gain_codes(params, g), n, d // group_size)
+
+    def decode_split(params: PVQParams, codes: PVQCodes) -> jax.Array:
+        y = split.decode(codes.codes, codes.rows * codes.groups_per_row, group_size, pulses)
+        return gained(params, codes, y.astype(jnp.float32))
+
+    if index == "split":
+        return _Stages(fit, encode_split, decode_split)
+    return _Stages(fit, encode_joint, decode_joint)
+
+
+def _pvq(stages: _Stages, rotate: bool, group_size: int) -> Quantizer:
+    """The quantizer of ``stages``, behind the randomized Hadamard rotation inside each group when ``rotate``.
+
+    The same params and codes as ``combinators.transformed(hadamard_transform(block), q)`` (a
+    :class:`~qetjax.combinators.TransformedParams` of the 64-bit seed and PVQ's params, codes with
+    no side information), bit for bit, but fit and encode rotate each chunk of rows as they
+    project it instead of the whole matrix first.
+    """
+    if not rotate:
+        return Quantizer(lambda key, x: stages.fit(x, _same), lambda p, x: stages.encode(p, x, _same), stages.decode)
+    block = hadamard_block(group_size)
+    t = hadamard_transform(block)
+
+    def turn(p: HadamardParams) -> Turn:
+        return lambda rows: randomized_hadamard(rows, p.seed, block=block)
+
+    def fit(key: jax.Array, x: jax.Array) -> TransformedParams:
+        tp = t.fit(jax.random.split(key)[0], x)  # the first half of the split, as in transformed()
+        return TransformedParams(tp, stages.fit(x, turn(tp)))
+
+    def encode(p: TransformedParams, x: jax.Array) -> TransformedCodes:
+        return TransformedCodes(None, stages.encode(p.inner, x, turn(p.transform)))
+
+    def decode(p: TransformedParams, c: TransformedCodes) -> jax.Array:
+        return t.inverse(p.transform, stages.decode(p.inner, c.inner), c.side)
 
     return Quantizer(fit, encode, decode)
-
-
-def _pvq_split(group_size: int, pulses: int, gain_bits: int, projection_method: str, gains: str,
-               gain_scale: str, scale_dtype: str) -> Quantizer:
-    """:func:`_pvq` with the shapes stored as split codes (:mod:`~qetjax.methods.pvq.split`)."""
-    joint = _pvq(group_size, pulses, gain_bits, projection_method, gains, gain_scale, scale_dtype)
-
-    def encode(params: PVQParams, x: jax.Array) -> PVQCodes:
-        if gain_scale == "row" and x.shape[0] != params.scales.shape[0]:
-            raise ValueError(
-                f"x has {x.shape[0]} rows but the params were fitted on {params.scales.shape[0]}; "
-                'use gain_scale="tensor" to encode other rows'
-            )
-        n, d = x.shape
-        one = lambda row: _row_shapes_and_gains(row, pulses, projection_method)
-        y, g = jax.lax.map(one, _grouped(x, group_size), batch_size=_row_chunk(n, d, 3))
-        gain_codes = gain_lib.assign(_normalized(g, params.scales), params.codebook.astype(jnp.float32))
-        return PVQCodes(split.encode(y.reshape(-1, group_size), group_size, pulses),
-                        packing.pack(gain_codes.reshape(-1), gain_bits), n, d // group_size)
-
-    def decode(params: PVQParams, codes: PVQCodes) -> jax.Array:
-        count = codes.rows * codes.groups_per_row
-        y = split.decode(codes.codes, count, group_size, pulses).astype(jnp.float32)
-        u = y / jnp.sqrt((y * y).sum(-1, keepdims=True))
-        level = params.codebook.astype(jnp.float32)[packing.unpack(codes.gains, gain_bits, count)]
-        gain = level.reshape(codes.rows, codes.groups_per_row) * params.scales.astype(jnp.float32)[:, None]
-        return (gain[..., None] * u.reshape(codes.rows, codes.groups_per_row, group_size)).reshape(codes.rows, -1)
-
-    return Quantizer(joint.fit, encode, decode)
 
 
 @register_method("pvq")
@@ -308,9 +342,8 @@ def pvq(
         raise ValueError(f"index must be one of {INDEXES}, got {index!r}")
     if index == "split":
         split.tables(group_size, pulses)  # validates: a power-of-two group_size, pulses <= split.MAX_PULSES
-    inner = _pvq(group_size, pulses, gain_bits, projection_method, gains, gain_scale, scale_dtype, index)
-    q = transformed(hadamard_transform(hadamard_block(group_size)), inner) if rotate else inner
-    return q._replace(column_group=group_size)  # the rotation stays inside each group
+    stages = _stages(group_size, pulses, gain_bits, projection_method, gains, gain_scale, scale_dtype, index)
+    return _pvq(stages, rotate, group_size)._replace(column_group=group_size)  # the rotation stays inside each group
 
 
 # --------------------------------------------------------------------------- budget
