@@ -67,6 +67,7 @@ def test_budget_fits():
     assert stored_bits(q, (4096, 64)) <= 3.0 * 4096 * 64
 
 
+@pytest.mark.slow  # ~20 s of solver work on 2 cores
 def test_budget_takes_two_cells_where_four_do_not_fit():
     # Four 512x512 float32 rotations are 4 bits/element of a 16384x512 matrix by themselves; two are 2.
     shape = (16384, 512)

@@ -92,7 +92,8 @@ def _embed_dense(params, batch):
     return minilm.pool(hidden, batch["attention_mask"])
 
 
-@pytest.mark.parametrize("q", [qetjax.rtn(4, group_size=16), qetjax.pq(2, 16), qetjax.rq(2, 8, subvector_dim=4),
+@pytest.mark.parametrize("q", [qetjax.rtn(4, group_size=16), qetjax.pq(2, 16),
+                               pytest.param(qetjax.rq(2, 8, subvector_dim=4), marks=pytest.mark.slow),
                                qetjax.pvq(16, 12, 3)], ids=["rtn", "pq", "rq", "pvq"])
 def test_minilm_modes_equal_decode_once(tiny_minilm, q):
     params, batch = tiny_minilm

@@ -23,7 +23,7 @@ def _codes(words: np.ndarray, width: int, count: int) -> list[int]:
     return [(stream >> (g * width)) & ((1 << width) - 1) for g in range(count)]
 
 
-@pytest.mark.parametrize("d,k", [(1, 1), (1, 4), (2, 1), (2, 6), (4, 5), (8, 3), (8, 6)])
+@pytest.mark.parametrize("d,k", [(1, 1), (1, 4), (2, 1), (2, 6), (4, 5), pytest.param(8, 3, marks=pytest.mark.slow), (8, 6)])
 def test_every_point_round_trips_and_codes_are_distinct(d, k):
     pts = np.array(_all_points(d, k), np.int32)
     assert len(pts) == num_points(d, k)
@@ -50,7 +50,8 @@ def _extreme_points(rng, d: int, k: int, n: int) -> np.ndarray:
     return np.concatenate([mags * signs, ends, even]).astype(np.int32)
 
 
-@pytest.mark.parametrize("d,k,jit", [(32, 96, True), (16, 300, True), (64, 40, True), (128, 182, True), (16, 40, False)])
+@pytest.mark.parametrize("d,k,jit", [(32, 96, True), pytest.param(16, 300, True, marks=pytest.mark.slow), (64, 40, True),
+                                     pytest.param(128, 182, True, marks=pytest.mark.slow), (16, 40, False)])
 def test_wide_groups_round_trip(d, k, jit):
     """Groups whose count V(D, K) exceeds 2^32 use the prefix-coded splits; round trips are exact."""
     assert num_points(d, k) >= 1 << 32
