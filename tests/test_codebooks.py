@@ -76,6 +76,19 @@ def test_quantized_codebook_scales_at_float32_hold_values_beyond_float16():
     chex.assert_type(codebooks.store_codebook(c, "float32", 8).codebook_scales, jnp.float32)
 
 
+def test_reconstructions_hold_no_per_codebook_copies():
+    """The additive sum keeps one accumulator (not M gathered [n, w] arrays) and the one-hot
+    code matrix is built at its own size (not [n, M, M*K]): XLA's temporary buffers stay within a
+    few arrays of the output's size (LSQ's working set at 4096 x 4096 was 36x the matrix)."""
+    n, w, m, k = 512, 256, 24, 16
+    cb = jax.ShapeDtypeStruct((m, k, w), jnp.float32)
+    codes = jax.ShapeDtypeStruct((n, m), jnp.int32)
+    temp = jax.jit(codebooks.additive_reconstruction).lower(cb, codes).compile().memory_analysis().temp_size_in_bytes
+    assert temp <= 2 * n * w * 4, temp
+    onehot = jax.jit(codebooks.one_hot_codes, static_argnums=1).lower(codes, k).compile().memory_analysis()
+    assert onehot.temp_size_in_bytes <= n * m * k * 4, onehot.temp_size_in_bytes
+
+
 def test_split_rejects_a_width_it_does_not_divide():
     with pytest.raises(ValueError, match="must divide the width"):
         codebooks.split(jnp.ones((2, 10)), 4)
