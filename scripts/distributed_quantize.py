@@ -285,22 +285,31 @@ def round_robin(t: list[float], n: int) -> float:
     return max(sum(t[i::n]) for i in range(n))
 
 
-def projections(runs: dict, methods: list[str], replicated: dict[str, list[float]], splits: dict) -> str:
-    """The projection table (see :func:`project`) from one device's per-leaf compiled times ``t``,
-    the unsplit parts ``r``, and the collectives counted per leaf on 8 simulated devices."""
-    one = runs["1 device"][0]["methods"]
+def projections(runs: dict, methods: list[str], replicated: dict[str, list[float]], splits: dict, layers: int) -> str:
+    """The projection table (see :func:`project`) for a model of ``layers`` layers like the first.
+
+    Every layer holds the same leaf shapes, so a leaf's one-device compiled time is taken as the
+    least measured over the layers for its position in the layer (single timings on a shared
+    machine are inflated by other jobs), its unsplit part ``r``, its collectives (counted on 8
+    simulated devices) and whether it splits on 8 and 64 devices as those of the first layer's leaf.
+    """
+    one = runs["1 device"][0]
     sim = runs["8 simulated devices, 1 process"][0]["methods"]
     rows = ["| method | T1, 1 device (s) | unsplit R (s) | C per device (MiB) | collective calls | leaves split on 8 / 64 | "
             "projected 8 devices (s) | speedup | projected 64 devices (s) | speedup | whole leaves in turn, 8 / 64 (s) |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
-        t, r = one[m]["leaf_s"], replicated[m]
-        comm, steps = sim[m]["leaf_comm"], sim[m]["leaf_steps"]
+        measured = one["methods"][m]["leaf_s"]
+        per_layer = min(one["per_layer"], len(measured))
+        expand = lambda per_leaf, k=per_layer: [per_leaf[i % k] for i in range(k * layers)]  # noqa: E731
+        t = expand([min(measured[j::per_layer]) for j in range(per_layer)])
+        r, comm, steps = (expand(v[:per_layer]) for v in (replicated[m], sim[m]["leaf_comm"], sim[m]["leaf_steps"]))
+        split = {n: expand(splits[str(n)][m][:per_layer]) for n in LINKS}
         cells = []
         for n in LINKS:
-            p = project(t, r, comm, steps, splits[str(n)][m], n)
+            p = project(t, r, comm, steps, split[n], n)
             cells += [f"{p:.2f}", f"{sum(t) / p:.1f}x"]
-        ok = "/".join(f"{sum(splits[str(n)][m])}" for n in LINKS)
+        ok = " / ".join(f"{sum(split[n])}" for n in LINKS)
         rows.append(f"| {m} | {sum(t):.2f} | {sum(r):.2f} | {sum(comm) / 2**20:.2f} | {sum(steps)} | {ok} of {len(t)} | "
                     + " | ".join(cells) + f" | {round_robin(t, 8):.2f} / {round_robin(t, 64):.2f} |")
     return "\n".join(rows)
@@ -312,7 +321,7 @@ def _project(args: argparse.Namespace, runs: dict) -> None:
     splits = _launch(args, "plan", 1, 64)[0]["splits"]
     leaves = _leaves(args.model, args.layers)[: args.leaves]
     replicated = {m: replicated_seconds(m, leaves, args.quick, args.samples) for m in args.methods}
-    print(projections(runs, args.methods, replicated, splits))
+    print(projections(runs, args.methods, replicated, splits, args.project_layers or args.layers))
 
 
 def main() -> None:
@@ -329,6 +338,8 @@ def main() -> None:
     parser.add_argument("--configs", default="single,simulated,distributed",
                         help="with --bench: which of single (1 device), simulated (8 devices, 1 process), distributed")
     parser.add_argument("--project", metavar="LOG", nargs="+", help="print the tables again from saved --bench output")
+    parser.add_argument("--project-layers", type=int, default=None,
+                        help="project for a model of this many layers like the first (default: --layers)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--role", default="distributed", help=argparse.SUPPRESS)
     parser.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
