@@ -1,4 +1,4 @@
-"""Before and after fine-tuning the float side information (qetjax.finetune), MiniLM end to end.
+"""Before and after fine-tuning the float side information (qetjax.finetune), MiniLM and SmolLM2 end to end.
 
 For each weight configuration and budget, the 36 linear kernels of MiniLM-L6 are quantized as in
 ``qetjax-bench --model minilm`` (:func:`qetjax.bench.minilm.quantize_model`, the same evaluation
@@ -12,8 +12,16 @@ Each row: stored bits per weight, the evaluation metrics before and after, the s
 fine-tuning time and the peak RSS above the process's RSS before fine-tuning (polled every 10 ms).
 Rows are appended to ``--out`` (JSON lines) as they finish and printed as a markdown table.
 
+With ``--model smollm2`` the 210 linear kernels of SmolLM2-135M are quantized as in
+:mod:`qetjax.bench.smollm2` and trained on the next-token KL to the fp32 model
+(:func:`qetjax.finetune.kl_loss`) over windows of the frozen calibration text; the row holds the
+perplexity before and after on that module's evaluation windows (default: the ``--quick`` 8 x 256
+tokens), never trained on. ``--cache DIR`` saves each quantized tree with :mod:`qetjax.io` and
+reuses it in later runs; ``--max-seconds`` bounds each row's fine-tuning time.
+
 Example:
     PYTHONPATH=. python scripts/finetune_bench.py --methods pq pvq:group_size=64+gptq --bits 2 3 --steps 80
+    PYTHONPATH=. python scripts/finetune_bench.py --model smollm2 --methods pq --bits 3 --steps 80 --cache /tmp/q
 """
 
 from __future__ import annotations
