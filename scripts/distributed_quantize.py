@@ -291,7 +291,8 @@ def projections(runs: dict, methods: list[str], replicated: dict[str, list[float
     Every layer holds the same leaf shapes, so a leaf's one-device compiled time is taken as the
     least measured over the layers for its position in the layer (single timings on a shared
     machine are inflated by other jobs), its unsplit part ``r``, its collectives (counted on 8
-    simulated devices) and whether it splits on 8 and 64 devices as those of the first layer's leaf.
+    simulated devices) and whether it splits on 8 and 64 devices as those of the first layer's leaf;
+    ``r`` is capped at ``t`` (both measured under load, apart).
     """
     one = runs["1 device"][0]
     sim = runs["8 simulated devices, 1 process"][0]["methods"]
@@ -303,7 +304,8 @@ def projections(runs: dict, methods: list[str], replicated: dict[str, list[float
         per_layer = min(one["per_layer"], len(measured))
         expand = lambda per_leaf, k=per_layer: [per_leaf[i % k] for i in range(k * layers)]  # noqa: E731
         t = expand([min(measured[j::per_layer]) for j in range(per_layer)])
-        r, comm, steps = (expand(v[:per_layer]) for v in (replicated[m], sim[m]["leaf_comm"], sim[m]["leaf_steps"]))
+        comm, steps = (expand(v[:per_layer]) for v in (sim[m]["leaf_comm"], sim[m]["leaf_steps"]))
+        r = [min(ri, ti) for ri, ti in zip(expand(replicated[m][:per_layer]), t)]  # a part is at most the whole
         split = {n: expand(splits[str(n)][m][:per_layer]) for n in LINKS}
         cells = []
         for n in LINKS:
