@@ -11,8 +11,8 @@ nearest centroid. Codebooks are learned by k-means:
 
 Stored: codes packed at ``ceil(log2 k)`` bits each, and the codebook at
 ``codebook_dtype`` (float16 by default), or, with ``codebook_bits=b``, the
-codebook itself round-to-nearest quantized to ``b`` bits with a float16 minimum
-and step per codebook (CQO). Encoding uses the stored (rounded) codebook, so
+codebook itself round-to-nearest quantized to ``b`` bits with a minimum and step
+per codebook at ``codebook_dtype`` (CQO). Encoding uses the stored (rounded) codebook, so
 decoding reproduces exactly what encoding chose.
 
 Example:
@@ -69,7 +69,7 @@ def pq(
         ``ceil(log2 num_centroids)`` bits.
       shared_codebook: one codebook for all column groups instead of one each.
       codebook_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"`` storage of
-        the codebook (ignored when ``codebook_bits`` is set).
+        the codebook, or with ``codebook_bits`` of its CQO minimum and step.
       codebook_bits: if set (1..16), round-to-nearest quantize each codebook to
         this many bits (the QET paper's codebook quantization, CQO).
       iters, init, max_points_per_centroid: k-means settings (see
