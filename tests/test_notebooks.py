@@ -58,9 +58,9 @@ def test_header_badge_install_and_quick_flag(path):
             assert "except Exception" not in cell.source and "except:" not in cell.source
 
 
-# 02 and 03 run only with ``-m slow`` (about two minutes each on 2 cores; the algorithms they show
-# are covered by the unit tests); 01 and 04 (the Flax model) run in the default suite.
-SLOW_NOTEBOOKS = {"02_qet_explained.ipynb", "03_pvq.ipynb"}
+# 02, 03 and 04 run only with ``-m slow`` (one to two minutes each on 2 cores; what they show is
+# covered by the unit tests and tests/test_nn.py, test_minilm.py); 01 runs in the default suite.
+SLOW_NOTEBOOKS = {"02_qet_explained.ipynb", "03_pvq.ipynb", "04_quantize_a_flax_model.ipynb"}
 
 
 @pytest.mark.notebook
