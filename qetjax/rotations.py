@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from qetjax import codebooks, kmeans
@@ -92,29 +93,38 @@ def randomized_hadamard(x: jax.Array, seed: jax.Array, inverse: bool = False, bl
 
 @pytree_dataclass
 class HadamardParams:
-    """Stored state of a randomized Hadamard rotation: 64 bits of seed."""
+    """Stored state of a randomized Hadamard rotation: 64 bits of seed (none for a fixed seed)."""
 
-    seed: jax.Array  # uint32[2]
+    seed: jax.Array  # uint32[2], or uint32[0] with a fixed seed
 
 
-def hadamard_transform(block: int | None = None) -> Transform:
+def hadamard_transform(block: int | None = None, fixed_seed: int | None = None) -> Transform:
     """A randomized Hadamard rotation of rows as a :class:`~qetjax.combinators.Transform`.
 
     Args:
       block: rotation block size (see :func:`randomized_hadamard`).
+      fixed_seed: ``None``: the signs are drawn from the fit key and its 64-bit seed is
+        stored; an integer in ``[0, 2^31)``: the signs of that public seed for every
+        matrix, nothing stored (the seed is part of the quantizer, not of the data).
 
     Example:
         >>> q = combinators.transformed(hadamard_transform(), some_quantizer)
     """
+    fixed = None if fixed_seed is None else np.array([0, fixed_seed], np.uint32)
+
+    def seed(p: HadamardParams) -> jax.Array:
+        return p.seed if fixed is None else jnp.asarray(fixed)
 
     def fit(key: PRNGKey, x: jax.Array) -> HadamardParams:
+        if fixed is not None:
+            return HadamardParams(jnp.zeros((0,), jnp.uint32))
         return HadamardParams(jax.random.key_data(key).astype(jnp.uint32))
 
     def forward(p: HadamardParams, x: jax.Array) -> tuple[jax.Array, None]:
-        return randomized_hadamard(x, p.seed, block=block), None
+        return randomized_hadamard(x, seed(p), block=block), None
 
     def inverse(p: HadamardParams, y: jax.Array, side: None) -> jax.Array:
-        return randomized_hadamard(y, p.seed, inverse=True, block=block)
+        return randomized_hadamard(y, seed(p), inverse=True, block=block)
 
     return Transform(fit, forward, inverse)
 

@@ -321,6 +321,7 @@ def rotated_rtn(
     symmetric: bool = False,
     granularity: str | None = None,
     scale_dtype: str = "float16",
+    fixed_seed: int | None = None,
 ) -> Quantizer:
     """Round-to-nearest behind a randomized Hadamard rotation of the rows (QuaRot style).
 
@@ -332,10 +333,12 @@ def rotated_rtn(
     encoding depends only on its columns: ``column_group = group_size``, GPTQ's
     granularity), else of ``hadamard_block(d)``, the whole row when ``d`` is a
     power of two. Stored: :func:`rtn`'s codes, scales and zeros, plus the
-    64-bit seed.
+    64-bit seed (none with ``fixed_seed``).
 
     Args:
       bits, group_size, symmetric, granularity, scale_dtype: as for :func:`rtn`.
+      fixed_seed: ``None`` draws the rotation's signs from the key and stores the
+        seed; an integer in ``[0, 2^31)`` uses that public seed and stores nothing.
 
     Example:
         >>> q = rotated_rtn(3, group_size=128, symmetric=True)
@@ -343,7 +346,9 @@ def rotated_rtn(
     """
     inner = rtn(bits, group_size, symmetric, granularity, scale_dtype)
     grouped = _resolve_granularity(granularity, group_size) == "group"
-    t = hadamard_transform(hadamard_block(group_size) if grouped else None)
+    if fixed_seed is not None:
+        fixed_seed = check_int("fixed_seed", fixed_seed, 0, 2**31 - 1)
+    t = hadamard_transform(hadamard_block(group_size) if grouped else None, fixed_seed)
     q = transformed(t, inner)
 
     def fit(key: PRNGKey, x: Array) -> Any:
@@ -364,13 +369,20 @@ def rotated_rtn_for_budget(
 ) -> Quantizer:
     """The rotated RTN quantizer with the most bits, then the finest scales, that fits (as :func:`rtn_for_budget`).
 
+    A configuration that fits only without the rotation's 64-bit seed takes the fixed
+    public seed 0 (``fixed_seed=0``, nothing stored): e.g. per-row scales at width 32
+    and 3 bits, where a stored seed would force one scale for the whole tensor.
+
     Example:
         >>> q = qetjax.for_budget("rotated_rtn", (4096, 512), 3.0)
     """
-    return _grid_for_budget(
-        "rotated_rtn", lambda b, g, gran: rotated_rtn(b, g, symmetric, gran, scale_dtype), shape, bits_per_element,
-        group_size, granularity, 1,
-    )
+    limit = budget_bits(shape, bits_per_element)
+
+    def make(b: int, g: int | None, gran: str | None) -> Quantizer:
+        q = rotated_rtn(b, g, symmetric, gran, scale_dtype)
+        return q if stored_bits(q, shape) <= limit else rotated_rtn(b, g, symmetric, gran, scale_dtype, fixed_seed=0)
+
+    return _grid_for_budget("rotated_rtn", make, shape, bits_per_element, group_size, granularity, 1)
 
 
 # --------------------------------------------------------------------------- normal-float levels
