@@ -28,14 +28,6 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def probe(method: str, rows: int, cols: int, bits: float) -> dict:
     """Runs in the child process: quantizes once and reports the memory it took."""
     import resource
@@ -45,11 +37,12 @@ def probe(method: str, rows: int, cols: int, bits: float) -> dict:
     import numpy as np
 
     import qetjax
+    from qetjax.bench.memory import rss_bytes
 
     x = jax.device_put(np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32))
     q = qetjax.for_budget(method, (rows, cols), bits)
     jax.block_until_ready(x)
-    baseline = _rss()
+    baseline = rss_bytes()
     start = time.perf_counter()
     qa = jax.block_until_ready(qetjax.quantize(q, jax.random.key(0), x))
     seconds = time.perf_counter() - start
