@@ -11,7 +11,10 @@ value), without computing anything (``jax.eval_shape``).
 :func:`qetjax.gptq.quantize`, stage by stage: the inputs of stage ``i`` are captured on the
 model whose kernels of stages ``< i`` are already quantized (sequential GPTQ: each layer
 compensates the error of the layers before it). The GPTQ group width is the quantizer's own
-:attr:`~qetjax.core.Quantizer.column_group`.
+:attr:`~qetjax.core.Quantizer.column_group`. :func:`gptq_blocks` does the same for a chain of
+blocks (a decoder's layers) one block at a time: block ``i`` is calibrated on the outputs of
+blocks ``< i`` already quantized, so a model of ``n`` equal layers compiles one block's capture
+instead of ``n`` captures of the whole model.
 
 The model is given as a function ``apply(params, batch)`` (or a Flax module, applied as
 ``module.apply({"params": params}, **batch)``); ``batch`` is any pytree of arrays. Dense layers
@@ -46,7 +49,7 @@ import numpy as np
 
 from qetjax import gptq, sharding
 from qetjax.core import Quantizer, dequantize, from_spec
-from qetjax.tree import LAYOUTS, as_transposed, leaf_key, path_str
+from qetjax.tree import LAYOUTS, as_transposed, dequantize_tree, leaf_key, path_str
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +100,29 @@ def _as_select(select: Select) -> Callable[[str], bool]:
         paths = frozenset(select)
         if not all(isinstance(p, str) for p in paths):
             raise TypeError("select as a collection must hold kernel paths (str)")
-        return paths.__contains__
+        return _Paths(paths)
     raise TypeError("select must be None, a regex, a predicate (path) -> bool or a collection of paths, "
                     f"got {type(select).__name__}")
 
 
 def _every_path(path: str) -> bool:
     return True
+
+
+class _Paths:
+    """Membership in a set of paths, equal by the set's value (one compilation per set, not per object)."""
+
+    def __init__(self, paths: frozenset[str]):
+        self.paths = paths
+
+    def __call__(self, path: str) -> bool:
+        return path in self.paths
+
+    def __hash__(self) -> int:
+        return hash(self.paths)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Paths) and other.paths == self.paths
 
 
 class _Regex:
@@ -376,3 +395,63 @@ def gptq_tree(key: jax.Array, params: Any, policy: Mapping[str, Quantizer], appl
                 lambda path, x, stage=frozenset(stage): dequantize(done[path_str(path)]) if path_str(path) in stage else x,
                 current)
     return jax.tree_util.tree_map_with_path(lambda path, x: done.get(path_str(path), x), params)
+
+
+def gptq_blocks(key: jax.Array, params: Mapping[str, Any], policy: Mapping[str, Quantizer], block_apply: Apply,
+                x: Any, blocks: Sequence[str], *, mask: Any = None, layout: str = "out_in", damp: float = 0.01,
+                callback: Callable[[int, str], None] | None = None, mesh: Any = None) -> dict[str, Any]:
+    """Sequential GPTQ over a chain of blocks, one block at a time (GPTQ's layer-by-layer procedure).
+
+    ``x`` is the input of the first block (e.g. a decoder's embedded calibration tokens). Block
+    ``blocks[i]`` is quantized by :func:`gptq_tree` on its own inputs, in the stages of
+    :func:`dense_stages` (so within a block, too, each stage sees the earlier stages quantized);
+    then ``x = block_apply(decoded block, x)`` feeds the next block. Blocks of one structure
+    share one compilation of each stage's capture, whatever their number.
+
+    Args:
+      key: PRNG key; block ``b`` uses :func:`qetjax.tree.leaf_key` ``(key, b)`` as
+        :func:`gptq_tree`'s key.
+      params: a mapping holding each block's parameter tree under its name (other entries are
+        returned unchanged).
+      policy: full path (``"layer_3/q_proj/kernel"``) -> quantizer; every path lies in a block.
+      block_apply: ``(block params, x) -> x`` of one block (its Dense layers are captured,
+        see :func:`dense_inputs`); pass the same function object each call.
+      x: the first block's input (array or pytree); rows where ``mask`` is zero are dropped
+        from the captured inputs.
+      blocks: the block names in call order.
+      mask, layout, damp, mesh: as in :func:`gptq_tree`.
+      callback: called as ``callback(i, block)`` after each block is quantized.
+
+    Returns:
+      ``params`` (a dict) with the policy's leaves replaced by their
+      :class:`~qetjax.core.QuantizedArray`.
+
+    Raises:
+      ValueError: a block that is not in ``params``, or a policy path outside every block.
+
+    Example:
+        >>> blocks = [f"layer_{i}" for i in range(n)]
+        >>> qtree = gptq_blocks(key, flat, policy, llama.LayerApply(config), embedded, blocks)
+    """
+    missing = [b for b in blocks if b not in params]
+    if missing:
+        raise ValueError(f"blocks {missing[:3]} are not entries of params (its keys: {sorted(params)[:6]})")
+    outside = sorted(p for p in policy if p.split("/", 1)[0] not in set(blocks) or "/" not in p)
+    if outside:
+        raise ValueError(f"policy paths {outside[:3]} lie in no block of {list(blocks)[:3]}...: "
+                         "gptq_blocks quantizes only the blocks' leaves (use gptq_tree for the others)")
+    step = jax.jit(block_apply)
+    out = dict(params)
+    for i, block in enumerate(blocks):
+        prefix = block + "/"
+        sub = {p[len(prefix):]: q for p, q in policy.items() if p.startswith(prefix)}
+        if sub:
+            stages = dense_stages(block_apply, params[block], x, select=frozenset(sub))
+            out[block] = gptq_tree(leaf_key(key, block), params[block], sub, block_apply, x, stages=stages,
+                                   mask=mask, layout=layout, damp=damp, mesh=mesh)
+        if i + 1 < len(blocks):
+            x = step(dequantize_tree(out[block]), x)
+        logger.info("gptq block %d/%d done: %s", i + 1, len(blocks), block)
+        if callback is not None:
+            callback(i, block)
+    return out

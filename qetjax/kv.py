@@ -280,6 +280,10 @@ class QuantizedKV:
     full precision (a ring buffer, counted in :func:`cache_bits`) and the rest as codes. With
     ``group=1, window=0`` every token is encoded as it is written. ``pre_rope`` caches the keys
     before the rotary embedding (KVQuant), which is applied to the decoded keys when read.
+    ``sink`` keeps the sequence's first tokens (the attention sink, whose keys and values are
+    outliers) in full precision as well, a fixed cost counted with the window; they are
+    replaced by the first later token in the chunk that is encoded, so their outliers do not
+    widen the other tokens' grids (KVQuant's attention-sink-aware quantization, IntactKV).
 
     It implements the KV-scheme methods of :class:`qetjax.models.llama.FloatKV`; ``attend_full``
     computes, in one parallel pass, the attention of every query over exactly the keys and
@@ -292,6 +296,7 @@ class QuantizedKV:
       window: most recent tokens kept in full precision (static).
       pre_rope: quantize keys before RoPE (static).
       window_dtype: storage dtype of the full-precision window (static).
+      sink: first tokens kept in full precision (static).
 
     Example:
         >>> scheme = kivi(4, group=32, window=32)
@@ -305,6 +310,7 @@ class QuantizedKV:
     window: int = static_field()
     pre_rope: bool = static_field(default=False)
     window_dtype: str = static_field(default="float16")
+    sink: int = static_field(default=0)
 
     @property
     def layer_data(self) -> tuple[Any, Any]:
@@ -332,8 +338,16 @@ class QuantizedKV:
     def _decode_chunks(self, codec: ChunkCodec, params: Any, codes: Any) -> jax.Array:
         return jax.vmap(jax.vmap(codec.decode, in_axes=(None, 0)), in_axes=(None, 0))(params, codes)
 
-    def init(self, config: Any, batch: int, max_len: int) -> tuple[Any, Any, jax.Array, jax.Array]:
-        """Empty state, stacked over layers: key codes, value codes, key ring, value ring."""
+    def _desink(self, x: jax.Array) -> jax.Array:
+        """``x[b, h, s, d]`` with the sink tokens replaced by the first later token (what chunks encode)."""
+        if not self.sink:
+            return x
+        s = x.shape[2]
+        later = x[:, :, min(self.sink, s - 1)][:, :, None]
+        return jnp.where((jnp.arange(s) < self.sink)[None, None, :, None], later, x)
+
+    def init(self, config: Any, batch: int, max_len: int) -> tuple[Any, ...]:
+        """Empty state, stacked over layers: key codes, value codes, key ring, value ring, key sink, value sink."""
         h, d, layers = config.num_kv_heads, config.head_dim, config.num_layers
         chunks = self._num_chunks(max_len)
         spec = jax.ShapeDtypeStruct((batch, chunks, h, self.group, d), jnp.float32)
@@ -344,7 +358,8 @@ class QuantizedKV:
             return jax.tree.map(lambda t: jnp.zeros((layers,) + t.shape, t.dtype), shapes)
 
         ring = jnp.zeros((layers, batch, h, self.ring, d), self.window_dtype)
-        return empty(self.keys), empty(self.values), ring, ring
+        sink = jnp.zeros((layers, batch, h, self.sink, d), self.window_dtype)
+        return empty(self.keys), empty(self.values), ring, ring, sink, sink
 
     def _sources(self, k: jax.Array, v: jax.Array, k_pre: jax.Array) -> tuple[jax.Array, jax.Array]:
         return (k_pre if self.pre_rope else k), v
@@ -358,14 +373,15 @@ class QuantizedKV:
         b, hkv, s, d = ks.shape
         chunks = self._num_chunks(s)
         k_hat = _join_chunks(self._decode_chunks(self.keys, kp, self._encode_chunks(
-            self.keys, kp, _split_chunks(ks, self.group, chunks))), s)
+            self.keys, kp, _split_chunks(self._desink(ks), self.group, chunks))), s)
         v_hat = _join_chunks(self._decode_chunks(self.values, vp, self._encode_chunks(
-            self.values, vp, _split_chunks(vs, self.group, chunks))), s)
+            self.values, vp, _split_chunks(self._desink(vs), self.group, chunks))), s)
         k_fp = ks
         if self.pre_rope:
             positions = jnp.broadcast_to(jnp.arange(s), (b, s))
             k_hat, k_fp = rope(k_hat, positions), rope(ks, positions)
-        held = jnp.arange(s)[None, :] < self.quantized_count(jnp.arange(s) + 1)[:, None]  # [query, key]
+        keys = jnp.arange(s)
+        held = (keys[None, :] < self.quantized_count(keys + 1)[:, None]) & (keys >= self.sink)[None, :]  # [query, key]
         hq = q.shape[1]
         qg = q.reshape(b, hkv, hq // hkv, s, d)
         scale = np.float32(1.0 / np.sqrt(d))
@@ -380,13 +396,17 @@ class QuantizedKV:
                      length: jax.Array) -> Any:
         """The state after prompts of ``length[b]`` tokens written from an empty cache."""
         kp, vp = data
-        kc, vc, kr, vr = state
+        kc, vc, kr, vr, sk, sv = state
         chunks = jax.tree.leaves(kc)[0].shape[1]
         ks, vs = self._sources(k, v, k_pre)
         ks, vs = self._round(ks), self._round(vs)
         done = (jnp.arange(chunks)[None] + 1) * self.group <= self.quantized_count(length)[:, None]  # [b, chunks]
-        kc = _where_tree(done, self._encode_chunks(self.keys, kp, _split_chunks(ks, self.group, chunks)), kc)
-        vc = _where_tree(done, self._encode_chunks(self.values, vp, _split_chunks(vs, self.group, chunks)), vc)
+        kc = _where_tree(done, self._encode_chunks(self.keys, kp, _split_chunks(self._desink(ks), self.group, chunks)), kc)
+        vc = _where_tree(done, self._encode_chunks(self.values, vp, _split_chunks(self._desink(vs), self.group, chunks)), vc)
+        if self.sink:  # prompt tokens at the sink's positions (later slots are written by append)
+            pad = ((0, 0), (0, 0), (0, max(self.sink - ks.shape[2], 0)), (0, 0))
+            sk = jnp.pad(ks, pad)[:, :, :self.sink].astype(sk.dtype)
+            sv = jnp.pad(vs, pad)[:, :, :self.sink].astype(sv.dtype)
         # Ring slot r holds the latest token j < length with j = r (mod ring).
         r = jnp.arange(self.ring)[None]
         last = length[:, None] - 1
@@ -395,7 +415,7 @@ class QuantizedKV:
         def gather(x: jax.Array) -> jax.Array:
             return jnp.take_along_axis(x, j[:, None, :, None], axis=2)
 
-        return kc, vc, gather(ks).astype(kr.dtype), gather(vs).astype(vr.dtype)
+        return kc, vc, gather(ks).astype(kr.dtype), gather(vs).astype(vr.dtype), sk, sv
 
     def append(self, data: Any, state: Any, k: jax.Array, v: jax.Array, k_pre: jax.Array, start: jax.Array) -> Any:
         """Writes one new token per sequence at position ``start[b]``; encodes a chunk when it leaves the window."""
@@ -404,15 +424,22 @@ class QuantizedKV:
         kp, vp = data
         ks, vs = self._sources(k, v, k_pre)
 
-        def one(kc: Any, vc: Any, kr: jax.Array, vr: jax.Array, kn: jax.Array, vn: jax.Array, pos: jax.Array) -> Any:
+        def one(kc: Any, vc: Any, kr: jax.Array, vr: jax.Array, sk: jax.Array, sv: jax.Array, kn: jax.Array,
+                vn: jax.Array, pos: jax.Array) -> Any:
             slot = pos % self.ring
             kr = jax.lax.dynamic_update_slice_in_dim(kr, kn.astype(kr.dtype), slot, axis=1)
             vr = jax.lax.dynamic_update_slice_in_dim(vr, vn.astype(vr.dtype), slot, axis=1)
+            if self.sink:
+                at = jnp.minimum(pos, self.sink - 1)
+                sk = jnp.where(pos < self.sink, jax.lax.dynamic_update_slice_in_dim(sk, kn.astype(sk.dtype), at, axis=1), sk)
+                sv = jnp.where(pos < self.sink, jax.lax.dynamic_update_slice_in_dim(sv, vn.astype(sv.dtype), at, axis=1), sv)
             n = pos + 1
             due = (n - self.window >= self.group) & ((n - self.window) % self.group == 0)
             chunks = jax.tree.leaves(kc)[0].shape[0]
             c = jnp.clip((n - self.window) // self.group - 1, 0, chunks - 1)
-            rows = (c * self.group + jnp.arange(self.group)) % self.ring
+            tokens = c * self.group + jnp.arange(self.group)
+            # sink tokens are encoded as the chunk's first later token (see _desink)
+            rows = jnp.where(tokens < self.sink, jnp.minimum(self.sink, tokens[-1]), tokens) % self.ring
 
             def update(codes: Any, codec: ChunkCodec, params: Any, ring: jax.Array) -> Any:
                 new = codec.encode(params, ring[:, rows].astype(jnp.float32))
@@ -420,15 +447,14 @@ class QuantizedKV:
                 merged = _where_tree(due, new, old)
                 return jax.tree.map(lambda a, m: jax.lax.dynamic_update_index_in_dim(a, m, c, 0), codes, merged)
 
-            return update(kc, self.keys, kp, kr), update(vc, self.values, vp, vr), kr, vr
+            return update(kc, self.keys, kp, kr), update(vc, self.values, vp, vr), kr, vr, sk, sv
 
-        kc, vc, kr, vr = jax.vmap(one)(*state, ks, vs, start)
-        return kc, vc, kr, vr
+        return jax.vmap(one)(*state, ks, vs, start)
 
     def read(self, data: Any, state: Any, length: jax.Array, rope: Any) -> tuple[jax.Array, jax.Array]:
         """Keys (after RoPE) and values of every slot: decoded codes, or the window's copy."""
         kp, vp = data
-        kc, vc, kr, vr = state
+        kc, vc, kr, vr, sk, sv = state
         b, h, _, d = kr.shape
         chunks = jax.tree.leaves(kc)[0].shape[1]
         max_len = chunks * self.group
@@ -438,6 +464,11 @@ class QuantizedKV:
         ring_v = vr[:, :, slots % self.ring].astype(jnp.float32)
         keys = jnp.where(held[:, None, :, None], _join_chunks(self._decode_chunks(self.keys, kp, kc), max_len), ring_k)
         values = jnp.where(held[:, None, :, None], _join_chunks(self._decode_chunks(self.values, vp, vc), max_len), ring_v)
+        if self.sink:
+            first = slots[None, None, :, None] < self.sink
+            fill = ((0, 0), (0, 0), (0, max(max_len - self.sink, 0)), (0, 0))
+            keys = jnp.where(first, jnp.pad(sk.astype(jnp.float32), fill)[:, :, :max_len], keys)
+            values = jnp.where(first, jnp.pad(sv.astype(jnp.float32), fill)[:, :, :max_len], values)
         if self.pre_rope:
             keys = rope(keys, jnp.broadcast_to(slots, (b, max_len)))
         return keys, values
@@ -453,38 +484,44 @@ def _fit_free_codec(q: Quantizer, num_layers: int, group: int, head_dim: int, tr
     return ChunkCodec(_stack_layers([params] * num_layers), q.spec, False, transpose)
 
 
-def kivi(config: Any, bits: int, *, group: int = 32, value_group: int = 32, window: int = 32,
-         pre_rope: bool = False, window_dtype: str = "float16") -> QuantizedKV:
+def kivi(config: Any, bits: int, *, value_bits: int | None = None, group: int = 32, value_group: int = 32,
+         window: int = 32, pre_rope: bool = False, window_dtype: str = "float16", sink: int = 0) -> QuantizedKV:
     """KIVI: asymmetric RTN of keys per channel (over chunks of ``group`` tokens) and values per token.
 
     Keys: each channel of each chunk of ``group`` tokens gets an fp16 scale and minimum
     (``qetjax.rtn(bits)`` per row of the transposed chunk); values: each token's
-    ``value_group`` consecutive channels get theirs (``qetjax.rtn(bits, group_size=value_group)``).
-    The ``window`` most recent tokens (and the incomplete chunk) stay in full precision.
-    ``pre_rope=True`` quantizes the keys before RoPE (as KVQuant does; see :func:`kvquant`).
+    ``value_group`` consecutive channels get theirs (``qetjax.rtn(value_bits, group_size=value_group)``).
+    The ``window`` most recent tokens (and the incomplete chunk) stay in full precision, and so
+    do the first ``sink`` tokens. ``pre_rope=True`` quantizes the keys before RoPE (as KVQuant
+    does; see :func:`kvquant`).
 
     Args:
       config: the model's :class:`~qetjax.models.llama.LlamaConfig`.
-      bits: code bits per element.
+      bits: code bits per key element (and per value element unless ``value_bits``).
+      value_bits: code bits per value element (default ``bits``).
       group: tokens per key chunk.
       value_group: channels per value group (must divide ``head_dim``).
       window: recent tokens kept in full precision.
       pre_rope: quantize keys before the rotary embedding.
-      window_dtype: dtype of the full-precision window.
+      window_dtype: dtype of the full-precision window and sink.
+      sink: first tokens kept in full precision (see :class:`QuantizedKV`).
 
     Example:
         >>> scheme = kivi(llama.config_of(params), 2, group=32, window=32)
+        >>> scheme = kivi(llama.config_of(params), 3, value_bits=2, value_group=64, sink=1)
     """
-    for name, value, low in (("bits", bits, 1), ("group", group, 1), ("value_group", value_group, 1), ("window", window, 0)):
+    value_bits = bits if value_bits is None else value_bits
+    for name, value, low in (("bits", bits, 1), ("value_bits", value_bits, 1), ("group", group, 1),
+                             ("value_group", value_group, 1), ("window", window, 0), ("sink", sink, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if config.head_dim % value_group:
         raise ValueError(f"value_group ({value_group}) must divide head_dim ({config.head_dim})")
-    value_q = rtn(bits) if value_group == config.head_dim else rtn(bits, group_size=value_group)
+    value_q = rtn(value_bits) if value_group == config.head_dim else rtn(value_bits, group_size=value_group)
     return QuantizedKV(
         _fit_free_codec(rtn(bits), config.num_layers, group, config.head_dim, transpose=True),
         _fit_free_codec(value_q, config.num_layers, group, config.head_dim, transpose=False),
-        int(group), int(window), bool(pre_rope), str(window_dtype))
+        int(group), int(window), bool(pre_rope), str(window_dtype), int(sink))
 
 
 def kvquant(config: Any, bits: int, **options: Any) -> QuantizedKV:
@@ -498,7 +535,7 @@ def kvquant(config: Any, bits: int, **options: Any) -> QuantizedKV:
 
 def fit_scheme(key: jax.Array, q: Quantizer, model_params: Any, input_ids: Any, attention_mask: Any = None, *,
                per_head: bool = True, pre_rope: bool = False, group: int = 1, window: int = 0,
-               window_dtype: str = "float16") -> QuantizedKV:
+               window_dtype: str = "float16", sink: int = 0) -> QuantizedKV:
     """A :class:`QuantizedKV` with a registered quantizer fitted once on calibration keys/values.
 
     Runs the decoder on ``input_ids``, fits ``q`` to every layer's keys (after RoPE, or before
@@ -517,7 +554,7 @@ def fit_scheme(key: jax.Array, q: Quantizer, model_params: Any, input_ids: Any, 
     codec = fit_kv(key, q, [(k[i], v[i]) for i in range(config.num_layers)], mask, per_head=per_head)
     return QuantizedKV(ChunkCodec(_stack_layers(codec.keys), q.spec, bool(per_head)),
                        ChunkCodec(_stack_layers(codec.values), q.spec, bool(per_head)),
-                       int(group), int(window), bool(pre_rope), str(window_dtype))
+                       int(group), int(window), bool(pre_rope), str(window_dtype), int(sink))
 
 
 def cache_bits(scheme: Any, config: Any, batch: int, max_len: int) -> dict[str, int]:
@@ -525,7 +562,8 @@ def cache_bits(scheme: Any, config: Any, batch: int, max_len: int) -> dict[str, 
 
     ``codes`` grows with the cache (codes and per-chunk side information such as scales);
     ``window`` is the full-precision ring buffer; ``params`` the fitted codebooks (a fixed cost
-    shared by all sequences). A :class:`~qetjax.models.llama.FloatKV` counts all as ``codes``.
+    shared by all sequences); the sink's full-precision tokens count with the window. A
+    :class:`~qetjax.models.llama.FloatKV` counts all as ``codes``.
 
     Example:
         >>> cache_bits(kivi(cfg, 2), cfg, 1, 512)["total"] / (2 * 30 * 3 * 512 * 64)

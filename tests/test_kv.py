@@ -1,6 +1,7 @@
 """Tests of KV-cache quantization: fitted codecs on real MiniLM keys and values, and the decoder
 caches of SmolLM2 that hold only codes (KIVI, KVQuant-style pre-RoPE keys, fitted quantizers)."""
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -143,6 +144,10 @@ def test_lossless_cache_reproduces_fp32(decoder):
 SCHEMES = {
     "kivi": lambda cfg, small, calib: kvq.kivi(cfg, 2, group=4, window=3),
     "kvquant": lambda cfg, small, calib: kvq.kvquant(cfg, 2, group=4, window=2),
+    "kvquant-sink": lambda cfg, small, calib: kvq.kvquant(cfg, 2, value_bits=3, value_group=64, group=4, window=1,
+                                                          sink=5),
+    "rtn3-fitted-sink": lambda cfg, small, calib: kvq.fit_scheme(jax.random.key(0), qetjax.rtn(3), small, *calib,
+                                                                 sink=1),
     "rtn3-fitted": lambda cfg, small, calib: kvq.fit_scheme(jax.random.key(0), qetjax.rtn(3), small, *calib),
     "pq-pre-rope": lambda cfg, small, calib: kvq.fit_scheme(
         jax.random.key(1), qetjax.pq(8, 16, iters=2), small, *calib, pre_rope=True, window=2),
@@ -171,7 +176,8 @@ def test_cache_holds_only_codes_and_counts_every_bit(decoder):
     small, cfg, _, _ = decoder
     bits, group, vgroup, window, T = 3, 32, 16, 32, 256
     scheme = kvq.kivi(cfg, bits, group=group, value_group=vgroup, window=window)
-    kc, vc, kr, vr = jax.eval_shape(lambda: scheme.init(cfg, 1, T))
+    kc, vc, kr, vr, sk, sv = jax.eval_shape(lambda: scheme.init(cfg, 1, T))
+    assert sk.shape == (2, 1, 3, 0, 64)  # no sink
     assert all(a.dtype in (jnp.uint32, jnp.float16) for a in jax.tree.leaves((kc, vc)))
     assert kr.shape == (2, 1, 3, window + group, 64) and kr.dtype == jnp.float16
     per_layer_head = T * 64 * bits * 2 + (T // group) * 64 * 32 + T * (64 // vgroup) * 32  # codes, key/value scales
@@ -181,6 +187,33 @@ def test_cache_holds_only_codes_and_counts_every_bit(decoder):
     assert counted["total"] == counted["codes"] + counted["window"] + counted["params"]
     fp = kvq.cache_bits(llama.FloatKV(), cfg, 1, T)
     assert fp["total"] == 2 * 2 * 3 * T * 64 * 32
+
+
+def test_sink_tokens_stay_exact_and_do_not_widen_their_chunk(decoder):
+    small, cfg, ids, _ = decoder
+    plain = kvq.kivi(cfg, 2, group=4, window=0, window_dtype="float32")
+    sunk = kvq.kivi(cfg, 2, group=4, window=0, window_dtype="float32", sink=1)
+    config = llama.config_of(small)
+    _, (k, v) = jax.jit(llama.forward)(small, ids[:, :12])
+    rope = functools.partial(llama.apply_rope, theta=config.rope_theta)
+    k = k.at[0, :, :, 0].multiply(50.0)  # an attention-sink-like outlier token in layer 0
+    v = v.at[0, :, :, 0].multiply(50.0)
+    read = {}
+    for name, scheme in (("plain", plain), ("sink", sunk)):
+        data = jax.tree.map(lambda a: a[0], scheme.layer_data)
+        state = jax.tree.map(lambda a: a[0], scheme.init(cfg, 2, 12))
+        state = scheme.write_prompt(data, state, k[0], v[0], k[0], jnp.array([12, 12]))
+        read[name] = scheme.read(data, state, jnp.array([12, 12]), rope)
+    for got, want in zip(read["sink"], (k[0], v[0])):
+        np.testing.assert_array_equal(np.asarray(got[:, :, 0]), np.asarray(want[:, :, 0]))  # the sink token, exact
+    err = {n: float(jnp.abs(r[0][:, :, 1:4] - k[0][:, :, 1:4]).max()) for n, r in read.items()}
+    assert err["sink"] < 0.2 * err["plain"]  # its chunk's other keys keep their per-channel grids
+    bits = kvq.cache_bits(sunk, cfg, 1, 64)["window"] - kvq.cache_bits(plain, cfg, 1, 64)["window"]
+    assert bits == 2 * cfg.num_layers * cfg.num_kv_heads * 1 * cfg.head_dim * 32  # keys and values, float32
+    with pytest.raises(ValueError, match="sink"):
+        kvq.kivi(cfg, 2, sink=-1)
+    with pytest.raises(ValueError, match="value_bits"):
+        kvq.kivi(cfg, 2, value_bits=0)
 
 
 def test_kivi_keys_are_quantized_per_channel():

@@ -351,6 +351,57 @@ def test_hessian_inputs_carry_the_batched_hessian_and_give_gptq_the_same_result(
     np.testing.assert_allclose(errors[1], errors[0], rtol=0.02)
 
 
+def test_sequential_gptq_by_layer_equals_staged_gptq_on_the_unrolled_model(small):
+    # gptq_blocks (one layer's capture, reused) gives the codes of gptq_tree over the whole unrolled
+    # model in its 8 call-order stages: each stage calibrated on the model with earlier stages quantized.
+    import qetjax
+    from qetjax import calibration
+    from qetjax.bench import smollm2 as bench
+    from qetjax.bench.config import parse_config
+
+    ids = bench.token_windows("calib", 2, 16)
+    calib = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    config = parse_config("rtn:group_size=32+gptq+seq")
+    assert config.gptq and config.sequential
+    by_layer = bench.quantize_weights(small, config, 4.0, calib=calib)
+    flat = llama.unstack_layers(small)
+    apply = llama.CalibrationApply(llama.config_of(small))
+    kernels = [p for s in calibration.dense_stages(apply, flat, calib) for p in s]
+    policy = {p: qetjax.for_budget("rtn", flat[p.split("/")[0]][p.split("/")[1]]["kernel"].shape[::-1], 4.0,
+                                   group_size=32) for p in kernels}
+    staged = calibration.gptq_tree(jax.random.key(0), flat, policy, apply, calib,
+                                   stages=calibration.dense_stages(apply, flat, calib), mask=calib["attention_mask"])
+    for p in kernels:  # RTN's fit takes no randomness: the keys do not matter
+        layer, name, _ = p.split("/")
+        a, b = by_layer[layer][name]["kernel"], staged[layer][name]["kernel"]
+        np.testing.assert_allclose(np.asarray(qetjax.dequantize(a)), np.asarray(qetjax.dequantize(b)),
+                                   atol=2e-5 * float(jnp.max(jnp.abs(qetjax.dequantize(b)))), rtol=0, err_msg=p)
+    one_shot = bench.quantize_weights(small, parse_config("rtn:group_size=32+gptq"), 4.0,
+                                      inputs=bench.calibration_inputs(small, calib))
+    w1 = [qetjax.dequantize(t["layer_1"]["o_proj"]["kernel"]) for t in (by_layer, one_shot)]
+    assert float(jnp.max(jnp.abs(w1[0] - w1[1]))) > 0  # later layers see the quantized model's inputs
+    with pytest.raises(ValueError, match="calibration windows"):
+        bench.quantize_weights(small, config, 4.0)
+    with pytest.raises(ValueError, match="lie in no block"):
+        calibration.gptq_blocks(jax.random.key(0), flat, {"embed/embedding": policy[kernels[0]]},
+                                llama.LayerApply(llama.config_of(small)), jnp.zeros((1, 4, 576)), ["layer_0"])
+
+
+def test_fisher_diagonal_is_the_summed_squared_gradient(small):
+    from qetjax.bench import smollm2 as bench
+
+    ids = bench.token_windows("calib", 2, 12)
+    fisher = bench.fisher_diagonal(small, {"input_ids": ids})
+    assert len(fisher) == 14 and fisher["layer_1/down_proj/kernel"].shape == (1536, 576)
+    p = "layer_0/v_proj/kernel"
+    expect = 0
+    for row in ids:
+        g = jax.grad(lambda params: jnp.sum(llama.token_nll(params, row[None])))(small)
+        expect = expect + np.square(np.asarray(g["layers"]["v_proj"]["kernel"][0]))
+    np.testing.assert_allclose(fisher[p], expect, rtol=1e-4, atol=1e-6 * expect.max())
+    assert np.all(fisher[p] >= 0) and fisher[p].max() > 0
+
+
 def test_frozen_corpora_are_disjoint_and_long_enough(smollm2):
     from qetjax.bench import corpus
     from qetjax.bench import smollm2 as bench

@@ -12,8 +12,9 @@ Parts (each a list of result rows, printed with :func:`qetjax.bench.report.markd
   embedding is kept in float32) with each configuration's budget solver at each budget;
   ``+gptq`` compensates on calibration inputs captured with :mod:`qetjax.calibration` from the
   model's unrolled layers (all inputs from the fp32 model, captured 4 windows at a time and reduced
-  to each kernel's Hessian: :func:`hessian_inputs`); ``+mixed`` spreads the
-  budget over the kernels by their measured output error on those inputs. Rows: stored
+  to each kernel's Hessian: :func:`hessian_inputs`), ``+gptq+seq`` layer by layer on the partly
+  quantized model; ``+mixed`` spreads the budget over the kernels by their Fisher-weighted
+  error (:func:`mixed_budgets`). Rows: stored
   bits/weight of the quantized kernels, perplexity, its ratio to fp32, quantize seconds and the
   peak RSS above the process's before quantizing.
 * ``kv``: the KV cache quantized with fp32 weights: KIVI (per-channel keys in chunks of 32
@@ -180,14 +181,23 @@ def hessian_inputs(params: Any, calib: Mapping[str, Any], batch_windows: int = 4
 
 
 def quantize_weights(params: Any, config: Config, bits_per_weight: float | Mapping[str, float], *,
-                     inputs: Mapping[str, np.ndarray] | None = None, key: jax.Array | None = None) -> Any:
+                     inputs: Mapping[str, np.ndarray] | None = None, calib: Mapping[str, Any] | None = None,
+                     key: jax.Array | None = None) -> Any:
     """The unstacked tree (:func:`~qetjax.models.llama.unstack_layers`) with every linear kernel quantized.
+
+    GPTQ is one-shot (every kernel's inputs from the fp32 model: ``inputs``) or, with
+    ``config.sequential``, layer by layer (:func:`qetjax.calibration.gptq_blocks` over the 30
+    decoder layers on the embedded ``calib`` windows: each layer, and within it each of q/k/v, o,
+    gate/up and down, calibrated on the model whose earlier kernels are already quantized).
 
     Args:
       params: SmolLM2 parameter tree.
-      config: method, solver options, ``gptq``.
+      config: method, solver options, ``gptq``, ``sequential``.
       bits_per_weight: one budget for all kernels, or one per kernel path.
-      inputs: the fp32 model's :func:`calibration_inputs`, needed for GPTQ.
+      inputs: the fp32 model's :func:`calibration_inputs` (or :func:`hessian_inputs`), needed for
+        one-shot GPTQ.
+      calib: the calibration batch (``{"input_ids": [windows, length], ...}``, whole windows),
+        needed for sequential GPTQ.
       key: PRNG key (default ``jax.random.key(0)``).
 
     Returns:
@@ -202,30 +212,54 @@ def quantize_weights(params: Any, config: Config, bits_per_weight: float | Mappi
     policy = {p: for_budget(config.method, kernels[p].shape[::-1], b, **dict(config.options)) for p, b in budgets.items()}
     if not config.gptq:
         return quantize_tree(key, flat, lambda p, x: policy.get(p), layout="out_in", progress=False)
+    if config.sequential:
+        if calib is None:
+            raise ValueError("sequential GPTQ needs the calibration windows (calib={'input_ids': ...})")
+        cfg = llama.config_of(params)
+        x = jnp.take(params["embed"]["embedding"], jnp.asarray(calib["input_ids"]), axis=0)
+        blocks = [f"layer_{i}" for i in range(cfg.num_layers)]
+        return calibration.gptq_blocks(key, flat, policy, llama.LayerApply(cfg), x, blocks)
     if inputs is None:
         raise ValueError("GPTQ needs the calibration inputs (calibration_inputs(params, calib))")
     return calibration.gptq_tree(key, flat, policy, inputs=inputs)
 
 
-def mixed_budgets(params: Any, config: Config, bits_per_weight: float, inputs: Mapping[str, np.ndarray],
-                  spread: tuple[float, float] = (1.0, 2.0)) -> dict[str, float]:
-    """Per-kernel budgets of mean ``bits_per_weight``, spread by each kernel's output error at that budget.
+def fisher_diagonal(params: Any, calib: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Per linear kernel, the empirical Fisher diagonal ``Σ_windows (∂ NLL / ∂W)²`` on calibration windows.
 
-    A kernel's sensitivity is ``||X (W - Ŵ)||² / rows`` on its calibration inputs ``X`` (the
-    squared output error it adds, summed over output channels), with ``Ŵ`` the kernel quantized
-    alone at ``bits_per_weight``; :func:`qetjax.budget.allocate` then gives each kernel a budget
-    in ``[bits - spread[0], bits + spread[1]]`` (6 dB per bit model). Every kernel stores at most
-    its budget, so the model stays within the mean.
+    One gradient of the window's summed next-token NLL per window (the fp32 model); arrays in
+    each kernel's Flax layout ``[in, out]``. ``½ Σ F (W - Ŵ)²`` is then the second-order estimate
+    of the NLL a kernel's quantization error ``W - Ŵ`` adds (the sensitivity of
+    :func:`mixed_budgets`).
+    """
+    grad = jax.jit(jax.grad(lambda layers, ids: jnp.sum(llama.token_nll({**params, "layers": layers}, ids))))
+    total = None
+    for ids in np.asarray(calib["input_ids"]):
+        g = grad(params["layers"], jnp.asarray(ids[None]))
+        sq = jax.tree.map(jnp.square, g)
+        total = sq if total is None else jax.tree.map(jnp.add, total, sq)
+    flat = llama.unstack_layers({**params, "layers": total})
+    return {p: np.asarray(f) for p, f in _kernels(flat).items()}
+
+
+def mixed_budgets(params: Any, config: Config, bits_per_weight: float, fisher: Mapping[str, np.ndarray],
+                  spread: tuple[float, float] = (1.0, 1.0)) -> dict[str, float]:
+    """Per-kernel budgets of mean ``bits_per_weight``, spread by each kernel's estimated loss increase.
+
+    A kernel's sensitivity is ``½ Σ F (W - Ŵ)²``, the second-order estimate of the calibration
+    NLL its quantization adds (``F``: :func:`fisher_diagonal`; ``Ŵ``: the kernel quantized alone at
+    ``bits_per_weight`` with ``config``'s method, without GPTQ), so a kernel whose error the rest
+    of the model amplifies counts more than its output error alone says.
+    :func:`qetjax.budget.allocate` then gives each kernel a budget in ``[bits - spread[0], bits +
+    spread[1]]`` (6 dB per bit model). Every kernel stores at most its budget, so the model stays
+    within the mean.
     """
     flat = llama.unstack_layers(params)
     kernels = _kernels(flat)
-    qtree = quantize_weights(params, config, bits_per_weight, inputs=inputs)
+    qtree = quantize_weights(params, config._replace(gptq=False, sequential=False), bits_per_weight)
     done = _kernels(qtree)
-    sens = {}
-    for p, w in kernels.items():
-        w_hat = dequantize(done[p])
-        x = jnp.asarray(inputs[p])
-        sens[p] = float(jnp.sum(jnp.square(x @ (w_hat - w)))) / x.shape[0]
+    sens = {p: 0.5 * float(jnp.sum(jnp.asarray(fisher[p]) * jnp.square(dequantize(done[p]) - w)))
+            for p, w in kernels.items()}
     sizes = {p: int(np.size(w)) for p, w in kernels.items()}
     low, high = spread
     return allocate(sens, sizes, bits_per_weight, bits_per_weight, max(bits_per_weight - low, 0.5), bits_per_weight + high)
@@ -235,18 +269,20 @@ def weight_rows(s: Setup, configs: Sequence[str], budgets: Sequence[float], *,
                 on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One row per (configuration, budget): stored bits/weight, perplexity, ratio, quantize seconds, peak RSS."""
     rows = []
-    inputs = None
+    inputs = fisher = None
     for text in configs:
         config = parse_config(text)
-        if (config.gptq or config.mixed) and inputs is None:
+        if config.gptq and not config.sequential and inputs is None:
             inputs = hessian_inputs(s.params, s.calib)
+        if config.mixed and fisher is None:
+            fisher = fisher_diagonal(s.params, s.calib)
         for budget in budgets:
             row = {"part": "weights", "config": text, "budget": budget}
             t0 = time.perf_counter()
             try:
                 with RssPeak() as mem:
-                    bits = mixed_budgets(s.params, config, budget, inputs) if config.mixed else budget
-                    qtree = jax.block_until_ready(quantize_weights(s.params, config, bits, inputs=inputs))
+                    bits = mixed_budgets(s.params, config, budget, fisher) if config.mixed else budget
+                    qtree = jax.block_until_ready(quantize_weights(s.params, config, bits, inputs=inputs, calib=s.calib))
             except ValueError as err:
                 rows.append({**row, "status": f"n/a ({str(err)[:80]})"})
                 continue
@@ -482,6 +518,6 @@ def report_rows(quick: bool, bits: Sequence[float], methods: Sequence[str] = WEI
         return run(methods, bits, parts=["reference", *parts], kv_configs=kv_methods, on_row=step, **size)
 
 
-__all__ = ["SIZES", "Setup", "attention_errors", "calibration_inputs", "corpus_tokens", "hessian_inputs", "kv_rows",
-           "mixed_budgets", "perplexity", "quantize_weights", "report_rows", "run", "setup", "speed_rows",
-           "token_windows", "weight_rows"]
+__all__ = ["SIZES", "Setup", "attention_errors", "calibration_inputs", "corpus_tokens", "fisher_diagonal",
+           "hessian_inputs", "kv_rows", "mixed_budgets", "perplexity", "quantize_weights", "report_rows", "run",
+           "setup", "speed_rows", "token_windows", "weight_rows"]

@@ -313,6 +313,30 @@ class CalibrationApply:
         return _Unrolled(self.config).apply({"params": layers}, x, positions, visible)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerApply:
+    """``apply(layer, x)`` of one :class:`DecoderLayer` on hidden states ``x[b, s, hidden]`` of whole
+    windows (positions ``0 .. s-1``, causal attention, no padding), for
+    :func:`qetjax.calibration.gptq_blocks` (hashable: one compilation per config).
+
+    Example:
+        >>> x = jnp.take(params["embed"]["embedding"], ids, axis=0)
+        >>> y = LayerApply(config_of(params))(layer_params(params, 0), x)
+    """
+
+    config: LlamaConfig
+
+    def __call__(self, layer: Params, x: jax.Array) -> jax.Array:
+        s = x.shape[1]
+        positions = jnp.broadcast_to(jnp.arange(s), x.shape[:2])
+        visible = jnp.broadcast_to(jnp.tril(jnp.ones((s, s), bool)), (x.shape[0], s, s))
+
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pre: jax.Array) -> tuple[jax.Array, None]:
+            return grouped_attention(q, k, v, visible), None
+
+        return DecoderLayer(self.config).apply({"params": layer}, x, positions, attend)[0]
+
+
 def layer_step(config: LlamaConfig, layer: Params, x: jax.Array, positions: jax.Array,
                attend: Callable[..., tuple[jax.Array, Any]]) -> tuple[jax.Array, Any]:
     """Applies one :class:`DecoderLayer` with parameters ``layer`` (no leading layer axis).
