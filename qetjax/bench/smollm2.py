@@ -83,8 +83,16 @@ a ring of 32 tokens, counted). At a 512-token context every 32 fp16 tokens cost 
 WEIGHT_CONFIGS = ("rtn", "rtn:group_size=64", "pq", "pvq:group_size=64", "pvq:group_size=64+gptq")
 """Default weight configurations of the benchmark (``qetjax.bench.config`` strings)."""
 
-KV_CONFIGS = ("rtn:granularity=row", "pq", "pvq")
-"""Default registered methods of the KV table (besides KIVI and KVQuant-style)."""
+KV_SINK = 4
+"""First tokens the sink-aware KVQuant-style rows keep in fp16 (:func:`baseline_schemes`)."""
+
+KV_CONFIGS = ("rtn:granularity=row", "lloyd_max", "nf", "rotated_rtn", "pq", "rq", "lsq", "opq", "lopq", "qet",
+              "pvq:gain_scale=tensor")
+"""Registered methods of the KV table (besides KIVI and KVQuant-style), fitted on calibration keys/values.
+
+Not the trellis: its Viterbi encoder (about 0.012M weights/s on 2 CPU cores) would take about
+half an hour per budget for the 23.6M cached elements of the quick evaluation, and a cache
+encodes every token as it is written; pass ``trellis`` explicitly to run it."""
 
 
 class Setup(NamedTuple):
@@ -363,13 +371,26 @@ def kv_schemes(s: Setup, configs: Sequence[str], budget: float, kv_calib_windows
 
 
 def baseline_schemes(config: Any, budget: float) -> list[tuple[str, Any]]:
-    """KIVI and KVQuant-style schemes with ``budget - 1`` code bits (see :data:`KV_DEFAULTS`)."""
+    """KIVI and KVQuant-style schemes whose codes and side information store ``budget`` bits/element.
+
+    KIVI and KVQuant-style (pre-RoPE keys) with ``budget - 1`` code bits (fp16 scale and minimum
+    per channel per 32 tokens for keys and per 32 channels per token for values: 1 bit/element;
+    :data:`KV_DEFAULTS`); KVQuant-style with the first :data:`KV_SINK` tokens in fp16 (the
+    attention sink; a fixed cost, counted with the window); and KVQuant-style with the bits moved
+    to the keys: ``budget`` code bits per key in chunks of 64 tokens, ``budget - 1`` per value in
+    groups of 64 channels (0.5 bit/element of side information each), with the sink. That last
+    one holds up to 64 recent tokens in fp16 instead of 32 (its window bits say so).
+    """
     bits = int(round(budget)) - 1
     if bits < 1:
         return []
     g = KV_DEFAULTS
-    return [(f"kivi {bits}-bit g{g['group']} w{g['window']}", kvq.kivi(config, bits, **g)),
-            (f"kvquant-style {bits}-bit (pre-RoPE keys) g{g['group']} w{g['window']}", kvq.kvquant(config, bits, **g))]
+    label = f"g{g['group']} w{g['window']}"
+    return [(f"kivi {bits}-bit {label}", kvq.kivi(config, bits, **g)),
+            (f"kvquant-style {bits}-bit (pre-RoPE keys) {label}", kvq.kvquant(config, bits, **g)),
+            (f"kvquant-style {bits}-bit {label} sink {KV_SINK}", kvq.kvquant(config, bits, **g, sink=KV_SINK)),
+            (f"kvquant-style keys {bits + 1}-bit g64 / values {bits}-bit vg64 w0 sink {KV_SINK}",
+             kvq.kvquant(config, bits + 1, value_bits=bits, group=64, value_group=64, window=0, sink=KV_SINK))]
 
 
 def kv_rows(s: Setup, configs: Sequence[str], budgets: Sequence[float], *, kv_calib_windows: int = 2,
@@ -505,7 +526,7 @@ def report_rows(quick: bool, bits: Sequence[float], methods: Sequence[str] = WEI
     from tqdm import tqdm
 
     total = 1 + ("weights" in parts) * (1 + len(methods) * len(bits)) + ("kv" in parts) * (
-        (2 + len(kv_methods)) * len(bits)) + ("speed" in parts) * 3
+        (4 + len(kv_methods)) * len(bits)) + ("speed" in parts) * 3
     with tqdm(total=total, disable=not progress, desc="smollm2", file=sys.stderr) as bar:
         def step(row: dict) -> None:
             bar.update(1)
