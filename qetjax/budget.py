@@ -136,6 +136,7 @@ def allocate(
     reference_bits: float,
     min_bits: float = 2.0,
     max_bits: float = 8.0,
+    step: float | None = None,
 ) -> dict[str, float]:
     """Per-leaf budgets of mean ``bits_per_element`` that minimise the modelled total loss.
 
@@ -152,6 +153,10 @@ def allocate(
       bits_per_element: the mean budget, between ``min_bits`` and ``max_bits``.
       reference_bits: the budget at which ``sensitivity`` was measured.
       min_bits, max_bits: bounds of any leaf's budget.
+      step: if given, every budget is ``min_bits + k * step`` (fewer distinct configurations,
+        hence fewer compilations): each is rounded down to the grid, then the bits this frees
+        go back, one step at a time, to the leaves that lost the largest fraction of a step
+        while the mean stays within ``bits_per_element``.
 
     Returns:
       Budgets by name whose size-weighted mean is at most ``bits_per_element``;
@@ -190,4 +195,16 @@ def allocate(
     for _ in range(100):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if mean(mid) <= bits_per_element else (lo, mid)
-    return budgets(lo)
+    if step is None:
+        return budgets(lo)
+    if not _check_number("step", step) > 0:
+        raise ValueError(f"step must be > 0, got {step}")
+    exact = budgets(lo)
+    steps = {k: math.floor((b - min_bits) / step + 1e-9) for k, b in exact.items()}
+    snapped = {k: min_bits + n * step for k, n in steps.items()}
+    spare = bits_per_element * total - sum(b * int(sizes[k]) for k, b in snapped.items())
+    for k in sorted(exact, key=lambda k: (snapped[k] - exact[k], k)):  # largest lost fraction first
+        if snapped[k] + step <= max_bits + 1e-9 and step * int(sizes[k]) <= spare + 1e-9:
+            snapped[k] += step
+            spare -= step * int(sizes[k])
+    return snapped

@@ -136,6 +136,21 @@ def test_allocate_meets_the_mean_budget_and_beats_uniform(leaves, mean_bits, ref
     assert loss(b) <= loss(dict.fromkeys(sens, mean_bits)) * (1 + 1e-6)
 
 
+@given(st.lists(st.tuples(st.floats(0, 1), st.integers(1, 10**6)), min_size=1, max_size=12),
+       st.floats(2.0, 8.0), st.sampled_from([0.125, 0.25, 0.5, 1.0]))
+def test_allocate_on_a_grid_stays_within_the_mean_and_near_the_exact_budgets(leaves, mean_bits, step):
+    sens = {f"l{i}": s for i, (s, _) in enumerate(leaves)}
+    sizes = {f"l{i}": n for i, (_, n) in enumerate(leaves)}
+    exact = budget.allocate(sens, sizes, mean_bits, 3.0)
+    b = budget.allocate(sens, sizes, mean_bits, 3.0, step=step)
+    total = sum(sizes.values())
+    assert all(2.0 <= v <= 8.0 for v in b.values())
+    assert all(abs((v - 2.0) / step - round((v - 2.0) / step)) < 1e-6 for v in b.values())  # on the grid
+    assert sum(b[k] * sizes[k] for k in b) <= mean_bits * total * (1 + 1e-9)
+    assert all(abs(b[k] - exact[k]) <= step + 1e-9 for k in b)  # rounded down, or up by at most one step
+    assert sum(b[k] * sizes[k] for k in b) > (mean_bits - step) * total - 1e-6 * total  # at most one step unspent
+
+
 def test_allocate_follows_the_loss_density_and_checks_input():
     b = budget.allocate({"a": 1e-3, "b": 1e-5}, {"a": 100, "b": 100}, 3.0, 3.0, min_bits=1.0)
     assert b["a"] == pytest.approx(3.0 + np.log(100) / np.log(4) / 2) and b["b"] == pytest.approx(6.0 - b["a"])
@@ -155,3 +170,5 @@ def test_allocate_follows_the_loss_density_and_checks_input():
     with pytest.raises(TypeError, match="sizes\\['a'\\] must be an int"):
         budget.allocate({"a": 1.0}, {"a": 1.5}, 3.0, 3.0)
     assert budget.allocate({"a": jnp.float32(1.0)}, {"a": np.int64(4)}, np.float32(3.0), 3) == {"a": 3.0}
+    with pytest.raises(ValueError, match="step"):
+        budget.allocate({"a": 1.0}, {"a": 1}, 3.0, 3.0, step=0.0)

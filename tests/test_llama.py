@@ -395,11 +395,23 @@ def test_fisher_diagonal_is_the_summed_squared_gradient(small):
     assert len(fisher) == 14 and fisher["layer_1/down_proj/kernel"].shape == (1536, 576)
     p = "layer_0/v_proj/kernel"
     expect = 0
+    grad = jax.jit(jax.grad(lambda params, row: jnp.sum(llama.token_nll(params, row[None]))))
     for row in ids:
-        g = jax.grad(lambda params: jnp.sum(llama.token_nll(params, row[None])))(small)
-        expect = expect + np.square(np.asarray(g["layers"]["v_proj"]["kernel"][0]))
+        expect = expect + np.square(np.asarray(grad(small, row)["layers"]["v_proj"]["kernel"][0]))
     np.testing.assert_allclose(fisher[p], expect, rtol=1e-4, atol=1e-6 * expect.max())
     assert np.all(fisher[p] >= 0) and fisher[p].max() > 0
+    # mixed budgets from it: on the quarter-bit grid, within the mean, and stored within it
+    from qetjax.bench.config import parse_config
+    from qetjax.tree import tree_bits
+
+    config = parse_config("rtn:group_size=32+mixed")
+    budgets = bench.mixed_budgets(small, config, 4.0, fisher)
+    sizes = {q: int(np.size(f)) for q, f in fisher.items()}
+    assert set(budgets) == set(fisher) and len(set(budgets.values())) > 1
+    assert all(abs(b * 4 - round(b * 4)) < 1e-9 and 3.0 <= b <= 5.0 for b in budgets.values())
+    assert sum(budgets[q] * sizes[q] for q in sizes) <= 4.0 * sum(sizes.values()) + 1e-6
+    bits = tree_bits(bench.quantize_weights(small, config, budgets))
+    assert bits.quantized_bits_per_weight <= 4.0 + 1e-9
 
 
 def test_frozen_corpora_are_disjoint_and_long_enough(smollm2):

@@ -240,10 +240,11 @@ def fisher_diagonal(params: Any, calib: Mapping[str, Any]) -> dict[str, np.ndarr
     of the NLL a kernel's quantization error ``W - Ŵ`` adds (the sensitivity of
     :func:`mixed_budgets`).
     """
-    grad = jax.jit(jax.grad(lambda layers, ids: jnp.sum(llama.token_nll({**params, "layers": layers}, ids))))
+    rest = {k: v for k, v in params.items() if k != "layers"}  # an argument, not a constant folded by XLA
+    grad = jax.jit(jax.grad(lambda layers, rest, ids: jnp.sum(llama.token_nll({**rest, "layers": layers}, ids))))
     total = None
     for ids in np.asarray(calib["input_ids"]):
-        g = grad(params["layers"], jnp.asarray(ids[None]))
+        g = grad(params["layers"], rest, jnp.asarray(ids[None]))
         sq = jax.tree.map(jnp.square, g)
         total = sq if total is None else jax.tree.map(jnp.add, total, sq)
     flat = llama.unstack_layers({**params, "layers": total})
@@ -259,8 +260,9 @@ def mixed_budgets(params: Any, config: Config, bits_per_weight: float, fisher: M
     ``bits_per_weight`` with ``config``'s method, without GPTQ), so a kernel whose error the rest
     of the model amplifies counts more than its output error alone says.
     :func:`qetjax.budget.allocate` then gives each kernel a budget in ``[bits - spread[0], bits +
-    spread[1]]`` (6 dB per bit model). Every kernel stores at most its budget, so the model stays
-    within the mean.
+    spread[1]]`` (6 dB per bit model), on a grid of quarter bits (fewer distinct configurations to
+    compile: with a budget per kernel, hundreds of compilations exhausted this machine's memory
+    maps). Every kernel stores at most its budget, so the model stays within the mean.
     """
     flat = llama.unstack_layers(params)
     kernels = _kernels(flat)
@@ -270,7 +272,8 @@ def mixed_budgets(params: Any, config: Config, bits_per_weight: float, fisher: M
             for p, w in kernels.items()}
     sizes = {p: int(np.size(w)) for p, w in kernels.items()}
     low, high = spread
-    return allocate(sens, sizes, bits_per_weight, bits_per_weight, max(bits_per_weight - low, 0.5), bits_per_weight + high)
+    return allocate(sens, sizes, bits_per_weight, bits_per_weight, max(bits_per_weight - low, 0.5), bits_per_weight + high,
+                    step=0.25)
 
 
 def weight_rows(s: Setup, configs: Sequence[str], budgets: Sequence[float], *,
