@@ -86,13 +86,14 @@ WEIGHT_CONFIGS = ("rtn", "rtn:group_size=64", "pq", "pvq:group_size=64", "pvq:gr
 KV_SINK = 4
 """First tokens the sink-aware KVQuant-style rows keep in fp16 (:func:`baseline_schemes`)."""
 
-KV_CONFIGS = ("rtn:granularity=row", "lloyd_max", "nf", "rotated_rtn", "pq", "rq", "lsq", "opq", "lopq", "qet",
-              "pvq:gain_scale=tensor")
+KV_CONFIGS = ("rtn:granularity=row", "lloyd_max", "nf", "rotated_rtn", "pq", "rq", "qet", "pvq:gain_scale=tensor",
+              "opq", "lopq")
 """Registered methods of the KV table (besides KIVI and KVQuant-style), fitted on calibration keys/values.
 
-Not the trellis: its Viterbi encoder (about 0.012M weights/s on 2 CPU cores) would take about
-half an hour per budget for the 23.6M cached elements of the quick evaluation, and a cache
-encodes every token as it is written; pass ``trellis`` explicitly to run it."""
+Not by default (pass them explicitly): the trellis, whose Viterbi encoder (about 0.012M
+weights/s on 2 CPU cores) would take about half an hour per budget for the 23.6M cached elements
+of the quick evaluation, while a cache encodes every token as it is written; and LSQ, whose 180
+per-head fits (30 layers, keys and values, 3 heads) had not finished after 15 minutes at 4 bits."""
 
 
 class Setup(NamedTuple):
