@@ -84,11 +84,15 @@ def _quantizer(method: str, shape: tuple[int, int], quick: bool):
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def _calibration(path: str, width: int, samples: int):
+def _calibration(path: str, width: int, samples: int, exact: bool = False):
+    """Gaussian calibration rows of a GPTQ leaf; ``exact``: rounded to integers, so that ``X^T X``
+    sums exactly in any order (the Hessian psum-reduced over processes equals one process's, and
+    so do the codes)."""
     import numpy as np
 
     seed = sum(path.encode())
-    return np.random.default_rng(seed).standard_normal((samples, width)).astype(np.float32)
+    x = np.random.default_rng(seed).standard_normal((samples, width)).astype(np.float32)
+    return np.round(3 * x) if exact else x
 
 
 def _leaf_comm(logs: list, per_layer: int, count: int) -> tuple[list[float], list[int]]:
@@ -135,7 +139,7 @@ def worker(args: argparse.Namespace) -> dict:
         q = _quantizer(method, w.shape, args.quick)
         k = leaf_key(key, path)
         if method == "gptq":
-            x = _calibration(path, w.shape[1], args.samples)
+            x = _calibration(path, w.shape[1], args.samples, args.check)
             if args.role == "single":
                 return gptq.quantize(q, k, w, x)
             return sharding.gptq_leaf(q, k, w, x, mesh)
@@ -174,7 +178,7 @@ def worker(args: argparse.Namespace) -> dict:
                     for (p, w), got, qa in zip(leaves, gathered, out):
                         q = _quantizer(method, w.shape, args.quick)
                         k = leaf_key(key, p)
-                        ref = gptq.quantize(q, k, w, _calibration(p, w.shape[1], args.samples)) if method == "gptq" \
+                        ref = gptq.quantize(q, k, w, _calibration(p, w.shape[1], args.samples, True)) if method == "gptq" \
                             else qetjax.quantize(q, k, w)
                         want = [np.asarray(a) for a in jax.tree_util.tree_leaves((ref.params, ref.codes))]
                         same = (jax.tree_util.tree_structure(ref) == jax.tree_util.tree_structure(qa) and len(got) == len(want)
