@@ -33,6 +33,7 @@ def test_unknown_method_is_rejected():
         cli.main(["--methods", "no-such-method"])
 
 
+@pytest.mark.slow  # 30 s: OPQ on the quick bench shapes; the contract tests cover OPQ's budget fit
 def test_taller_matrices_let_opq_rotation_fit(tmp_path, capsys):
     # OPQ's 128x128 float32 rotation is 16 bits/element of a 256-row matrix, 2 of a 2048-row one.
     out = tmp_path / "rows.csv"
