@@ -85,7 +85,6 @@ def calibration_rows(x: Any, attention_mask: Any) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-@functools.partial(jax.jit, static_argnums=(0, 3))
 def _fit_one(q: Quantizer, key: jax.Array, rows: jax.Array, per_head: bool) -> Any:
     """``q``'s params fitted on ``rows[heads, tokens, d]`` (compiled once per quantizer and shape, for all layers)."""
     if per_head:  # lax.map, not vmap: a vmapped k-means compiles and runs far slower
