@@ -436,7 +436,8 @@ def gptq_blocks(key: jax.Array, params: Mapping[str, Any], policy: Mapping[str, 
     missing = [b for b in blocks if b not in params]
     if missing:
         raise ValueError(f"blocks {missing[:3]} are not entries of params (its keys: {sorted(params)[:6]})")
-    outside = sorted(p for p in policy if p.split("/", 1)[0] not in set(blocks) or "/" not in p)
+    names = set(blocks)
+    outside = sorted(p for p in policy if "/" not in p or p.split("/", 1)[0] not in names)
     if outside:
         raise ValueError(f"policy paths {outside[:3]} lie in no block of {list(blocks)[:3]}...: "
                          "gptq_blocks quantizes only the blocks' leaves (use gptq_tree for the others)")

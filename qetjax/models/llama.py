@@ -334,7 +334,7 @@ class LayerApply:
         def attend(q: jax.Array, k: jax.Array, v: jax.Array, k_pre: jax.Array) -> tuple[jax.Array, None]:
             return grouped_attention(q, k, v, visible), None
 
-        return DecoderLayer(self.config).apply({"params": layer}, x, positions, attend)[0]
+        return layer_step(self.config, layer, x, positions, attend)[0]
 
 
 def layer_step(config: LlamaConfig, layer: Params, x: jax.Array, positions: jax.Array,
