@@ -116,6 +116,12 @@ class Quantizer(NamedTuple):
       column_group: the width of the column groups whose encoding, given the fitted
         params, depends only on those columns (GPTQ's granularity: ``rtn`` with a
         ``group_size``, ``pvq``'s groups), or ``None`` when encoding couples a whole row.
+      requantize: ``(params, start, x) -> codes``, for methods that round each element on its
+        own once the side information is set: the codes of ``x`` on the grid (scales, zeros)
+        that ``encode(params, start)`` would choose, ``start`` and ``x`` of one shape. GPTQ uses
+        it to quantize a group's columns one at a time with the group's grid fixed at its start,
+        as in the GPTQ paper; ``None`` (jointly coded groups: PVQ, the trellis, rotations) makes
+        GPTQ compensate between whole groups only.
     """
 
     fit: Callable[[PRNGKey, Array], Any]
@@ -123,6 +129,7 @@ class Quantizer(NamedTuple):
     decode: Callable[[Any, Any], Array]
     spec: Spec | None = None
     column_group: int | None = None
+    requantize: Callable[[Any, Array, Array], Any] | None = None
 
 
 class Method(NamedTuple):

@@ -10,6 +10,13 @@ the layer output on calibration inputs ``X[samples, in]`` changes least
     U = upper Cholesky factor of H^{-1}                 (H^{-1} = U^T U)
     for each group G:   E = (W_G - Q(W_G)) U_GG^{-1};   W_rest -= E U_{G, rest}
 
+Methods that round each element on its own once a group's scales are set
+(:attr:`~qetjax.core.Quantizer.requantize`: RTN, NF, Lloyd-Max) go further
+inside the group, as the GPTQ paper does: the group's grid is fixed from the
+group as it stands when its turn comes, then its columns are rounded one at a
+time, column ``j``'s error ``e_j = (w_j - q_j) / U_jj`` pushed onto the
+group's later columns (``W_G[:, >j] -= e_j U_G[j, >j]``) and ``E = [e_j]``.
+
 The quantizer ``q`` may be any registered quantizer whose encoding of a group
 of columns depends only on those columns given its fitted params, e.g.
 ``qetjax.rtn(b, group_size=g)`` with ``g`` dividing ``group_size``, or
@@ -52,22 +59,53 @@ def inverse_cholesky(h: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _compensate(q: Quantizer, params: Any, w: jax.Array, u: jax.Array, group_size: int) -> jax.Array:
-    """The matrix whose groups are the compensated weights each group was quantized from."""
+def _compensate(q: Quantizer, params: Any, w: jax.Array, u: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:
+    """The matrices ``(start, frozen)``: each group as it stood when its turn came, and the values
+    it was quantized from (:func:`stored_codes` turns them into the stored codes).
+
+    With ``q.requantize`` the group's columns are then quantized one at a time on the grid
+    ``start`` sets, each column's error pushed onto the group's later columns (the GPTQ paper's
+    loop); without it the group is quantized jointly (``frozen == start``).
+    """
     out, width = w.shape
     cols = jnp.arange(width)
+    inner = jnp.arange(group_size)
 
-    def body(g: int, w: jax.Array) -> jax.Array:
+    def joint(block: jax.Array, u_gg: jax.Array) -> tuple[jax.Array, jax.Array]:
+        error = block - q.decode(params, q.encode(params, block))
+        return block, solve_triangular(u_gg, error.T, trans="T", lower=False).T  # E U_GG^{-1}
+
+    def by_column(block: jax.Array, u_gg: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def step(j: int, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+            current, scaled = carry
+            column = jax.lax.dynamic_index_in_dim(current, j, axis=1, keepdims=False)
+            snapped = jax.lax.dynamic_index_in_dim(q.decode(params, q.requantize(params, block, current)), j, axis=1,
+                                                   keepdims=False)
+            e = (column - snapped) / u_gg[j, j]
+            current = current - jnp.where((inner > j)[None, :], e[:, None] * u_gg[j][None, :], 0.0)
+            return current, jax.lax.dynamic_update_index_in_dim(scaled, e, j, axis=1)
+
+        return jax.lax.fori_loop(0, group_size, step, (block, jnp.zeros_like(block)))
+
+    def body(g: int, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        w, start_w = carry
         start = g * group_size
         block = jax.lax.dynamic_slice(w, (0, start), (out, group_size))
-        error = block - q.decode(params, q.encode(params, block))
         u_gg = jax.lax.dynamic_slice(u, (start, start), (group_size, group_size))
-        scaled = solve_triangular(u_gg, error.T, trans="T", lower=False).T  # E U_GG^{-1}
+        frozen, scaled = (joint if q.requantize is None else by_column)(block, u_gg)
+        start_w = jax.lax.dynamic_update_slice(start_w, block, (0, start))
+        w = jax.lax.dynamic_update_slice(w, frozen, (0, start))
         u_rows = jax.lax.dynamic_slice(u, (start, 0), (group_size, width))
         later = (cols >= start + group_size)[None, :]
-        return w - jnp.where(later, scaled @ u_rows, 0.0)
+        return w - jnp.where(later, scaled @ u_rows, 0.0), start_w
 
-    return jax.lax.fori_loop(0, width // group_size, body, w)
+    frozen, start_w = jax.lax.fori_loop(0, width // group_size, body, (w, w))
+    return start_w, frozen
+
+
+def stored_codes(q: Quantizer, params: Any, start: jax.Array, frozen: jax.Array) -> Any:
+    """The stored codes of :func:`_compensate`'s ``(start, frozen)``: ``frozen`` on the grids of ``start``."""
+    return q.encode(params, frozen) if q.requantize is None else q.requantize(params, start, frozen)
 
 
 def quantize(
@@ -117,9 +155,9 @@ def quantize(
     u, live = inverse_cholesky(hessian(x), float(damp))
     w = jnp.where(live[None, :], w, 0.0)
     params = jax.jit(q.fit)(key, w)
-    frozen = _compensate(q, params, w, u, group_size)
-    codes = jax.jit(q.encode)(params, frozen)
-    return QuantizedArray(params, codes, q.spec, tuple(w.shape), "float32")
+    start, frozen = _compensate(q, params, w, u, group_size)
+    stored = jax.jit(stored_codes, static_argnums=0)(q, params, start, frozen)
+    return QuantizedArray(params, stored, q.spec, tuple(w.shape), "float32")
 
 
 def output_error(w: Any, w_hat: Any, x: Any) -> float:

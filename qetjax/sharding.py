@@ -512,20 +512,22 @@ def _fit(q: Quantizer, p: Plan, key: PRNGKey, xs: jax.Array, mesh: Mesh, axis: s
 
 
 @functools.lru_cache(maxsize=256)
-def _encode_fn(q: Quantizer, mesh: Mesh, axis: str, ptree: Any, pspecs: tuple, cspecs: tuple) -> Any:
-    def body(p: Any, xb: jax.Array) -> list:
-        return jax.tree_util.tree_leaves(q.encode(p, xb))
+def _encode_fn(q: Quantizer, mesh: Mesh, axis: str, ptree: Any, pspecs: tuple, cspecs: tuple, fixed: bool) -> Any:
+    def body(p: Any, xb: jax.Array, *start: jax.Array) -> list:
+        return jax.tree_util.tree_leaves(q.requantize(p, start[0], xb) if fixed else q.encode(p, xb))
 
-    in_specs = (jax.tree_util.tree_unflatten(ptree, list(pspecs)), P(axis))
+    in_specs = (jax.tree_util.tree_unflatten(ptree, list(pspecs)), P(axis)) + ((P(axis),) if fixed else ())
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=list(cspecs), check_vma=False))
 
 
-def _encode_rows(q: Quantizer, params: Any, x: jax.Array, mesh: Mesh, axis: str, devices: int) -> Any:
-    """``q.encode`` with ``n / devices`` rows per device; the codes' leaves concatenated."""
+def _encode_rows(q: Quantizer, params: Any, x: jax.Array, mesh: Mesh, axis: str, devices: int,
+                 start: jax.Array | None = None) -> Any:
+    """``q.encode`` with ``n / devices`` rows per device; the codes' leaves concatenated. With ``start``:
+    ``q.requantize(params, start, x)`` (GPTQ's codes on the grids of the groups' starts)."""
     pspecs, cspecs = _row_specs(q, tuple(x.shape), devices, axis)
     treedef = jax.tree_util.tree_structure(jax.eval_shape(q.encode, params, jax.ShapeDtypeStruct(x.shape, jnp.float32)))
-    fn = _encode_fn(q, mesh, axis, jax.tree_util.tree_structure(params), tuple(pspecs), tuple(cspecs))
-    return jax.tree_util.tree_unflatten(treedef, _run(fn, mesh, params, x))
+    fn = _encode_fn(q, mesh, axis, jax.tree_util.tree_structure(params), tuple(pspecs), tuple(cspecs), start is not None)
+    return jax.tree_util.tree_unflatten(treedef, _run(fn, mesh, params, x, *(() if start is None else (start,))))
 
 
 def _check_key(key: Any) -> None:
@@ -683,7 +685,7 @@ def _gptq_fns(q: Quantizer, mesh: Mesh, axis: str, group_size: int, ptree: Any, 
     mask = jax.jit(lambda w, live: jnp.where(live[None, :], w, 0.0), out_shardings=rows)
     in_specs = (jax.tree_util.tree_unflatten(ptree, list(pspecs)), P(axis), P())
     compensate = jax.shard_map(lambda p, wb, u: gptq._compensate(q, p, wb, u, group_size), mesh=mesh,
-                               in_specs=in_specs, out_specs=P(axis), check_vma=False)
+                               in_specs=in_specs, out_specs=(P(axis), P(axis)), check_vma=False)
     return mask, jax.jit(compensate)
 
 
@@ -745,8 +747,8 @@ def gptq_quantize(
     w = _run(mask, mesh, _put(w, mesh, P(axis)), live)
     params = _fit(q, p, key, w, mesh, axis)
     with _one_blas_thread(mesh, (params, w, u)):
-        frozen = jax.block_until_ready(_run(compensate, mesh, params, w, u))
-    codes = _encode_rows(q, params, frozen, mesh, axis, devices)
+        start, frozen = jax.block_until_ready(_run(compensate, mesh, params, w, u))
+    codes = _encode_rows(q, params, frozen, mesh, axis, devices, start=None if q.requantize is None else start)
     return QuantizedArray(params, codes, q.spec, tuple(w.shape), "float32")
 
 

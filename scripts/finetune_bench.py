@@ -162,7 +162,10 @@ def run_llm(s: smollm2.Setup, label: str, bits: float, args: argparse.Namespace)
         inputs = None
         if config.gptq and not config.sequential:
             inputs = smollm2.hessian_inputs(s.params, calib)
-        return smollm2.quantize_weights(s.params, config, bits, inputs=inputs, calib=calib)
+        budget = bits
+        if config.mixed:
+            budget = smollm2.mixed_budgets(s.params, config, bits, smollm2.fisher_diagonal(s.params, calib))
+        return smollm2.quantize_weights(s.params, config, budget, inputs=inputs, calib=calib)
 
     cache = os.path.join(args.cache, f"smollm2-{label}-{bits}.qet") if args.cache else None
     t0 = time.perf_counter()

@@ -197,26 +197,37 @@ def rtn(
         _groups(x, granularity, group_size)  # validates group_size against the width
         return None
 
+    def grid(g: Array) -> tuple[Array, Array | None]:
+        """The scales and zeros (``None`` when symmetric) of the groups ``g``."""
+        if symmetric and bits == 1:
+            a = jnp.abs(g)  # clipping the float mean to [min, max] keeps constants exact
+            return jnp.clip(jnp.mean(a, axis=-1), jnp.min(a, axis=-1), jnp.max(a, axis=-1)).astype(scale_dtype), None
+        if symmetric:
+            return _round_up(jnp.max(jnp.abs(g), axis=-1) / (2 ** (bits - 1) - 1), scale_dtype), None
+        zeros = _round_down(jnp.min(g, axis=-1), scale_dtype)
+        return _round_up((jnp.max(g, axis=-1) - zeros.astype(jnp.float32)) / top, scale_dtype), zeros
+
+    def assign(g: Array, scales: Array, zeros: Array | None, shape: tuple[int, int]) -> RTNCodes:
+        """The codes of the groups ``g`` on the grid ``(scales, zeros)``; values off the grid are clipped."""
+        if symmetric and bits == 1:
+            return RTNCodes(_pack(g >= 0, bits), scales, None, shape)
+        s = scales.astype(jnp.float32)[..., None]
+        if symmetric:
+            m = 2 ** (bits - 1) - 1
+            k = jnp.where(s > 0, jnp.round(g / jnp.where(s > 0, s, 1.0)), 0.0)
+            return RTNCodes(_pack(jnp.clip(k, -m, m) + m, bits), scales, None, shape)
+        z = zeros.astype(jnp.float32)[..., None]
+        q = jnp.where(s > 0, jnp.round((g - z) / jnp.where(s > 0, s, 1.0)), 0.0)
+        return RTNCodes(_pack(jnp.clip(q, 0, top), bits), scales, zeros, shape)
+
     def encode(params: None, x: Array) -> RTNCodes:
         del params
         g = _groups(x, granularity, group_size)
-        if symmetric and bits == 1:
-            a = jnp.abs(g)  # clipping the float mean to [min, max] keeps constants exact
-            scales = jnp.clip(jnp.mean(a, axis=-1), jnp.min(a, axis=-1), jnp.max(a, axis=-1)).astype(scale_dtype)
-            return RTNCodes(_pack(g >= 0, bits), scales, None, x.shape)
-        if symmetric:
-            m = 2 ** (bits - 1) - 1
-            scales = _round_up(jnp.max(jnp.abs(g), axis=-1) / m, scale_dtype)
-            s = scales.astype(jnp.float32)[..., None]
-            k = jnp.where(s > 0, jnp.round(g / jnp.where(s > 0, s, 1.0)), 0.0)
-            q = jnp.clip(k, -m, m) + m
-            return RTNCodes(_pack(q, bits), scales, None, x.shape)
-        zeros = _round_down(jnp.min(g, axis=-1), scale_dtype)
-        z = zeros.astype(jnp.float32)[..., None]
-        scales = _round_up((jnp.max(g, axis=-1) - z[..., 0]) / top, scale_dtype)
-        s = scales.astype(jnp.float32)[..., None]
-        q = jnp.where(s > 0, jnp.round((g - z) / jnp.where(s > 0, s, 1.0)), 0.0)
-        return RTNCodes(_pack(jnp.clip(q, 0, top), bits), scales, zeros, x.shape)
+        return assign(g, *grid(g), x.shape)
+
+    def requantize(params: None, start: Array, x: Array) -> RTNCodes:
+        del params
+        return assign(_groups(x, granularity, group_size), *grid(_groups(start, granularity, group_size)), x.shape)
 
     def decode(params: None, c: RTNCodes) -> Array:
         del params
@@ -227,7 +238,8 @@ def rtn(
         z = c.zeros.astype(jnp.float32)[..., None]
         return (z + s * q.astype(jnp.float32)).reshape(c.shape)
 
-    return Quantizer(fit, encode, decode, column_group=group_size if granularity == "group" else None)
+    return Quantizer(fit, encode, decode, column_group=group_size if granularity == "group" else None,
+                     requantize=requantize)
 
 
 def rtn_group_sizes(width: int) -> tuple[int, ...]:
@@ -455,20 +467,31 @@ def nf(bits: int, group_size: int | None = None, granularity: str | None = None,
         _groups(x, granularity, group_size)  # validates group_size against the width
         return None
 
+    def assign(g: Array, scales: Array, shape: tuple[int, int]) -> NFCodes:
+        """The codes of the groups ``g`` scaled by ``scales`` (values beyond the scale take the end levels)."""
+        s = scales.astype(jnp.float32)[..., None]
+        u = jnp.where(s > 0, g / jnp.where(s > 0, s, 1.0), 0.0)
+        return NFCodes(_pack(quantize_to_levels(u, jnp.asarray(levels)), bits), scales, shape)
+
+    def scales_of(g: Array) -> Array:
+        return _round_up(jnp.max(jnp.abs(g), axis=-1), scale_dtype)
+
     def encode(params: None, x: Array) -> NFCodes:
         del params
         g = _groups(x, granularity, group_size)
-        scales = _round_up(jnp.max(jnp.abs(g), axis=-1), scale_dtype)
-        s = scales.astype(jnp.float32)[..., None]
-        u = jnp.where(s > 0, g / jnp.where(s > 0, s, 1.0), 0.0)
-        return NFCodes(_pack(quantize_to_levels(u, jnp.asarray(levels)), bits), scales, x.shape)
+        return assign(g, scales_of(g), x.shape)
+
+    def requantize(params: None, start: Array, x: Array) -> NFCodes:
+        del params
+        return assign(_groups(x, granularity, group_size), scales_of(_groups(start, granularity, group_size)), x.shape)
 
     def decode(params: None, c: NFCodes) -> Array:
         del params
         q = _unpack(c.codes, bits, c.shape).reshape(c.scales.shape + (-1,))
         return (c.scales.astype(jnp.float32)[..., None] * jnp.asarray(levels)[q]).reshape(c.shape)
 
-    return Quantizer(fit, encode, decode, column_group=group_size if granularity == "group" else None)
+    return Quantizer(fit, encode, decode, column_group=group_size if granularity == "group" else None,
+                     requantize=requantize)
 
 
 @register_budget("nf")
@@ -611,7 +634,8 @@ def lloyd_max(bits: int, iters: int = 100, max_samples: int = 65536, codebook_dt
     def decode(params: LloydMaxParams, c: LloydMaxCodes) -> Array:
         return params.codebook.astype(jnp.float32)[_unpack(c.codes, bits, c.shape)]
 
-    return Quantizer(fit, encode, decode)
+    # Every element takes its nearest level of the fitted codebook: any column group, no side information.
+    return Quantizer(fit, encode, decode, column_group=1, requantize=lambda params, start, x: encode(params, x))
 
 
 @register_budget("lloyd_max")
