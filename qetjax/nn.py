@@ -162,8 +162,11 @@ def _codebook_matmul(x: jax.Array, name: str, params: Any, codes: Any, spec: Any
         tables = jnp.einsum("bsd,mskd->bsmk", x.reshape(b, s, d), c)
         return _lut_matmul(tables.reshape(b, s * m, k), idx.reshape(idx.shape[0], s * m))
     if name == "lsq":
-        c = params.values()  # [M, k, in]
-        return _lut_matmul(jnp.einsum("bi,mki->bmk", x, c), codes.unpacked())
+        c = params.values()  # [S*M, k, d]: M additive codebooks in each of the S = in / d subspaces
+        k, d = c.shape[1], c.shape[2]
+        s = x.shape[1] // d
+        tables = jnp.einsum("bsd,smkd->bsmk", x.reshape(b, s, d), c.reshape(s, -1, k, d))
+        return _lut_matmul(tables.reshape(b, -1, k), codes.unpacked())
     raise ValueError(f"no lookup-table kernel for {name!r}")
 
 

@@ -28,6 +28,7 @@ ON_CODES = {
     "rq": qetjax.rq(2, 8, subvector_dim=8),
     "rq-rows": qetjax.rq(2, 8),
     "lsq": qetjax.lsq(2, 8, train_iters=2),
+    "lsq-product": qetjax.lsq(2, 8, train_iters=2, subvector_dim=8),
 }
 
 

@@ -1,15 +1,22 @@
-"""Additive quantization with local search (LSQ), like faiss's ``LocalSearchQuantizer``.
+"""Additive quantization with local search (LSQ), like faiss's ``LocalSearchQuantizer``,
+and its product form (faiss's ``ProductLocalSearchQuantizer``).
 
-A row is approximated by a sum of one centroid from each of ``M`` full-width
-codebooks, ``x ≈ C_0[b_0] + ... + C_{M-1}[b_{M-1}]`` (Martinez et al. 2016,
-2018). Unlike residual quantization the codebooks are learned jointly:
+A row is approximated by a sum of one centroid from each of ``M`` codebooks,
+``x ≈ C_0[b_0] + ... + C_{M-1}[b_{M-1}]`` (Martinez et al. 2016, 2018). With
+``subvector_dim=d`` the columns are split into ``S = w / d`` subspaces of ``d``
+columns, each with its own ``M`` additive codebooks (product LSQ); the default,
+``None``, is one full-width subspace (plain LSQ). Additive codes of long rows
+are hard to search and each full-width codebook costs ``K * w`` stored values,
+so long rows call for the product form (:func:`lsq_for_budget` picks ``d``).
+Unlike residual quantization the codebooks are learned jointly:
 
 * **Encoding** is iterated local search: starting from random codes, repeat
   ``ils_iters`` times: perturb ``nperts`` randomly chosen codes of every row,
   run ``icm_iters`` sweeps of iterated conditional modes (each codebook in
   turn picks its best code given the others, using the unary terms
   ``||C_m[k]||^2 - 2 x·C_m[k]`` and the pairwise terms ``2 C_m[k]·C_l[j]``), and
-  keep the result for rows whose error went down.
+  keep the result for rows whose error went down. With one codebook a single
+  sweep is the exact nearest-centroid search, so only one round is run.
 * **Training** alternates ``train_iters`` times: the least-squares codebooks
   for the current codes, ``(B^T B + λ I) C = B^T X`` with ``B`` the one-hot code
   matrix, perturbed by annealed Gaussian noise (scale ``sqrt(1 - (i+1)/iters)``
@@ -18,10 +25,11 @@ codebooks, ``x ≈ C_0[b_0] + ... + C_{M-1}[b_{M-1}]`` (Martinez et al. 2016,
   codes are random; the returned codebooks are the least-squares ones for the
   final codes.
 
+Subspaces are searched and trained independently, batched with ``vmap``.
 Encoding's randomness comes from ``seed`` (a constructor argument), so
 ``encode`` is a deterministic function of ``(params, x)``. Stored: the
-codebooks ``[M, K, w]`` at ``codebook_dtype`` and ``n * M`` codes of
-``ceil(log2 K)`` bits, bit-packed.
+codebooks ``[S * M, K, d]`` (subspace-major) at ``codebook_dtype`` and
+``n * S * M`` codes of ``ceil(log2 K)`` bits, bit-packed.
 
 Example:
     >>> import jax, qetjax
@@ -29,10 +37,14 @@ Example:
     >>> qa = qetjax.quantize(qetjax.lsq(2, 16, train_iters=5), jax.random.key(1), x)
     >>> qetjax.bits(qa)["codes"]  # 1024 rows * 2 codes * 4 bits
     8192
+    >>> qa = qetjax.quantize(qetjax.lsq(2, 16, train_iters=5, subvector_dim=4), jax.random.key(1), x)
+    >>> qetjax.bits(qa)["codes"]  # 1024 rows * 4 subspaces * 2 codes * 4 bits
+    32768
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -40,8 +52,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from qetjax import kmeans
-from qetjax.budget import budget_bits, largest_fitting
-from qetjax.codebooks import Codebook, PQCodes, additive_reconstruction, least_squares_codebooks
+from qetjax.budget import budget_bits
+from qetjax.codebooks import Codebook, PQCodes, additive_reconstruction, least_squares_codebooks, split
 from qetjax.core import (
     Quantizer,
     check_int,
@@ -50,9 +62,9 @@ from qetjax.core import (
     register_method,
     stored_bits,
 )
-from qetjax.packing import code_width, pack
+from qetjax.packing import code_width, num_words, pack
 
-# Entries of the [rows, M, K] blocks of one chunk of rows during encoding.
+# Entries of the [subspaces, rows, M, K] blocks of one chunk of rows during encoding.
 _BLOCK = 1 << 21
 
 
@@ -109,6 +121,23 @@ def local_search(
     return lax.fori_loop(0, ils_iters, round_, (codes, error(codes)))[0]
 
 
+def product_reconstruction(cb: jax.Array, codes: jax.Array) -> jax.Array:
+    """``x̂[:, s*d:(s+1)*d] = sum_m cb[s, m, codes[:, s, m]]``: codebooks ``[S, M, K, d]``,
+    codes ``int32[n, S, M]`` -> ``[n, S * d]``.
+
+    One ``[n, S, d]`` gather-and-add per codebook index ``m`` in a ``fori_loop``, as
+    :func:`qetjax.codebooks.additive_reconstruction` (which this is for ``S = 1``).
+    """
+    s, num, k, d = cb.shape
+    offset = k * jnp.arange(s, dtype=jnp.int32)[None, :]
+
+    def term(m: jax.Array) -> jax.Array:
+        return cb[:, m].reshape(s * k, d)[codes[:, :, m] + offset]
+
+    out = lax.fori_loop(1, num, lambda m, acc: acc + term(m), term(0))
+    return out.reshape(codes.shape[0], s * d)
+
+
 @register_method("lsq")
 def lsq(
     num_codebooks: int,
@@ -121,11 +150,12 @@ def lsq(
     regularization: float = 0.01,
     codebook_dtype: str = "float16",
     seed: int = 0,
+    subvector_dim: int | None = None,
 ) -> Quantizer:
-    """Additive quantizer trained and encoded by local search (faiss's defaults).
+    """Additive quantizer trained and encoded by local search (faiss's defaults), optionally per subspace.
 
     Args:
-      num_codebooks: ``M``, codebooks (codes per row).
+      num_codebooks: ``M``, codebooks (codes per row and subspace).
       num_centroids: ``K`` centroids per codebook (``2..65536``).
       train_iters: codebook-update / local-search alternations.
       encode_ils_iters: local-search rounds when encoding.
@@ -136,12 +166,21 @@ def lsq(
       regularization: ``λ`` of the least-squares codebook update (``> 0``).
       codebook_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``.
       seed: seed of the encoder's random start and perturbations.
+      subvector_dim: ``d``, columns per subspace (product LSQ, faiss's
+        ``ProductLocalSearchQuantizer`` with ``nsplits = w / d``); must divide
+        the matrix width. ``None`` (the default): one subspace of the whole row.
 
     Returns:
       A :class:`~qetjax.core.Quantizer`.
 
+    Raises:
+      ValueError: at fit time, ``subvector_dim`` does not divide the width or
+        ``num_centroids`` exceeds the rows; at encode time, ``x``'s width is
+        not the fitted one.
+
     Example:
         >>> q = lsq(num_codebooks=4, num_centroids=256)  # 32 bits per row
+        >>> q = lsq(2, 16, subvector_dim=8)  # 8 bits per 8 columns: 1 bit/element
     """
     num = check_int("num_codebooks", num_codebooks, 1)
     k = check_int("num_centroids", num_centroids, 2, 1 << 16)
@@ -156,90 +195,194 @@ def lsq(
     if not regularization > 0:
         raise ValueError(f"regularization must be > 0, got {regularization}")
     check_storage_dtype("codebook_dtype", codebook_dtype)
+    sub = None if subvector_dim is None else check_int("subvector_dim", subvector_dim, 1)
     width = code_width(k)
+    if num == 1:  # one ICM sweep from any start is the exact nearest-centroid search
+        encode_ils, train_ils, icm_iters = min(encode_ils, 1), min(train_ils, 1), 1
 
-    def search(key: jax.Array, x: jax.Array, cb: jax.Array, codes: jax.Array, rounds: int) -> jax.Array:
-        n = x.shape[0]
-        chunk = max(1, min(n, _BLOCK // (num * k)))
+    def parts_of(x: jax.Array) -> jax.Array:
+        """``x[n, w]`` -> ``[S, n, d]``."""
+        w = x.shape[1]
+        if sub is not None and w % sub:
+            near = [d for d in range(1, w + 1) if w % d == 0 and d <= 2 * sub][-3:]
+            raise ValueError(
+                f"lsq: subvector_dim={sub} must divide the matrix width {w} (columns are never dropped or padded); "
+                f"divisors of {w} near it: {near}"
+            )
+        return split(x, w if sub is None else sub)
+
+    def search(key: jax.Array, parts: jax.Array, cb: jax.Array, codes: jax.Array, rounds: int) -> jax.Array:
+        """Local search of every subspace: parts ``[S, n, d]``, cb ``[S, M, K, d]``, codes ``[S, n, M]``."""
+        s, n, d = parts.shape
+        chunk = max(1, min(n, _BLOCK // (s * num * k)))
         pad = -n % chunk
-        xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, chunk, x.shape[1])
-        cs = jnp.pad(codes, ((0, pad), (0, 0))).reshape(-1, chunk, num)
-        keys = jax.random.split(key, xs.shape[0])
-        out = lax.map(lambda a: local_search(a[0], a[1], cb, a[2], rounds, icm_iters, nperts), (keys, xs, cs))
-        return out.reshape(-1, num)[:n]
+
+        def chunks(a: jax.Array) -> jax.Array:  # [S, n, c] -> [chunks, S, chunk, c]
+            a = jnp.pad(a, ((0, 0), (0, pad), (0, 0)))
+            return a.reshape(s, -1, chunk, a.shape[-1]).transpose(1, 0, 2, 3)
+
+        def one(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+            key, xs, cs = args
+            keys = jax.random.split(key, s) if s > 1 else key[None]  # S = 1: plain LSQ's random stream
+            return jax.vmap(lambda a, b, c, e: local_search(a, b, c, e, rounds, icm_iters, nperts))(keys, xs, cb, cs)
+
+        xs, cs = chunks(parts), chunks(codes)
+        out = lax.map(one, (jax.random.split(key, xs.shape[0]), xs, cs))  # [chunks, S, chunk, M]
+        return out.transpose(1, 0, 2, 3).reshape(s, -1, num)[:, :n]
+
+    def codebooks_for(parts: jax.Array, codes: jax.Array) -> jax.Array:
+        return jax.vmap(lambda p, c: least_squares_codebooks(p, c, k, regularization))(parts, codes)
 
     def fit(key: jax.Array, x: jax.Array) -> Codebook:
-        if k > x.shape[0]:
-            raise ValueError(f"num_centroids={k} exceeds the {x.shape[0]} rows of x")
+        parts = parts_of(x)
+        s, n, d = parts.shape
+        if k > n:
+            raise ValueError(f"num_centroids={k} exceeds the {n} rows of x")
         k_init, k_iter = jax.random.split(key)
-        codes = jax.random.randint(k_init, (x.shape[0], num), 0, k)
-
-        std = jnp.std(x, axis=0)
+        codes = jax.random.randint(k_init, (s, n, num), 0, k)
+        std = jnp.std(parts, axis=1)[:, None, None, :]  # [S, 1, 1, d]
 
         def alternate(i: jax.Array, codes: jax.Array) -> jax.Array:
             k_noise, k_search = jax.random.split(jax.random.fold_in(k_iter, i))
-            cb = least_squares_codebooks(x, codes, k, regularization)
+            cb = codebooks_for(parts, codes)
             # Annealed codebook noise (faiss's perturb_codebooks): T = (1 - (i + 1) / iters) ** 0.5.
             temp = jnp.sqrt(1.0 - (i + 1.0) / train_iters)
             cb = cb + temp * std * jax.random.normal(k_noise, cb.shape) / num
-            return search(k_search, x, cb, codes, train_ils)
+            return search(k_search, parts, cb, codes, train_ils)
 
         codes = lax.fori_loop(0, train_iters, alternate, codes)
-        return Codebook(least_squares_codebooks(x, codes, k, regularization).astype(codebook_dtype))
+        return Codebook(codebooks_for(parts, codes).reshape(s * num, k, d).astype(codebook_dtype))
 
     def encode(params: Codebook, x: jax.Array) -> PQCodes:
+        cb = params.values()
+        parts = parts_of(x)
+        s, n, d = parts.shape
+        if (s * num, k, d) != cb.shape:
+            raise ValueError(f"lsq: x has width {x.shape[1]}, the codebooks {tuple(cb.shape)} were fitted to width "
+                             f"{cb.shape[0] // num * cb.shape[2]}")
         key = jax.random.key(seed)
-        start = jax.random.randint(jax.random.fold_in(key, 0), (x.shape[0], num), 0, k)
-        codes = search(jax.random.fold_in(key, 1), x, params.values(), start, encode_ils)
-        return PQCodes(pack(codes.reshape(-1), width), (x.shape[0], num), width)
+        start = jax.random.randint(jax.random.fold_in(key, 0), (s, n, num), 0, k)
+        codes = search(jax.random.fold_in(key, 1), parts, cb.reshape(s, num, k, d), start, encode_ils)
+        return PQCodes(pack(codes.transpose(1, 0, 2).reshape(-1), width), (n, s * num), width)
 
     def decode(params: Codebook, codes: PQCodes) -> jax.Array:
-        return additive_reconstruction(params.values(), codes.unpacked())
+        cb = params.values()  # [S * M, K, d]
+        idx = codes.unpacked()  # [n, S * M]
+        s = cb.shape[0] // num
+        return product_reconstruction(cb.reshape(s, num, k, cb.shape[2]), idx.reshape(idx.shape[0], s, num))
 
     return Quantizer(fit, encode, decode)
 
 
-# Codebook sizes the budget solver searches.
-_BUDGET_CENTROIDS = (16, 32, 64, 128, 256)
+# ----------------------------------------------------------------------------- budget solver
+
+# Centroids per codebook, codebooks per subspace and subspace widths the solver searches.
+_BUDGET_CENTROIDS = (4, 8, 16, 32, 64, 128, 256)
+_BUDGET_MAX_CODEBOOKS = 8
+_BUDGET_MAX_SUBVECTOR = 32
+_DTYPE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
+
+
+def expected_distortion(subvector_dim: int, num_codebooks: int, num_centroids: int, rows: int) -> float:
+    """LSQ's expected mean squared error on unit-variance Gaussian data: the solver's model.
+
+    ``log2 D = log2(1 + 1.4/d) - 2r + 0.18 (1 - 1/M) r^2 + log2(1 - K/n)`` with
+    ``r = M log2(K) / d`` code bits per element: the first two terms are a
+    vector quantizer with ``K^M`` centroids in ``d`` dimensions (``1 + 1.4/d``
+    falls from the scalar quantizer's ~2.4 towards Shannon's bound 1), the third
+    the loss of additive codebooks, which grows with the rate (local search
+    cannot reach most of the ``K^M`` sums at high rates), the last the training
+    rows' gain when ``K`` is not small against the ``n`` rows (capped at 2x). Fitted to faiss's
+    ``LocalSearchQuantizer`` on 1536 Gaussian rows, ``d`` in 1..8, ``M`` in 1..4,
+    ``K`` in 16..256, ``r`` in 1..4, where it is within ~25% (BENCHMARKS.md, LSQ
+    budget solver); ``K`` of 4 and 8 (small matrices) are extrapolated.
+
+    Example:
+        >>> round(expected_distortion(2, 1, 32, 1536), 3)  # PQ-like: 2.5 bits/element
+        0.052
+    """
+    r = num_codebooks * math.log2(num_centroids) / subvector_dim
+    log_d = math.log2(1 + 1.4 / subvector_dim) - 2 * r + 0.18 * (1 - 1 / num_codebooks) * r * r
+    return 2.0 ** log_d * (1 - min(num_centroids / rows, 0.5))
+
+
+def _lsq_bits(shape: tuple[int, int], d: int, m: int, k: int, dtype_bits: int) -> int:
+    """Stored bits of ``lsq(m, k, subvector_dim=d)`` on ``shape``: packed codes + codebooks."""
+    n, w = shape
+    return 32 * num_words(n * (w // d) * m, code_width(k)) + m * k * w * dtype_bits
+
+
+def _divisors(w: int) -> list[int]:
+    return [d for d in range(1, w + 1) if w % d == 0]
 
 
 @register_budget("lsq")
 def lsq_for_budget(
-    shape: tuple[int, int], bits_per_element: float, num_centroids: int | None = None, **options: Any
+    shape: tuple[int, int],
+    bits_per_element: float,
+    num_centroids: int | None = None,
+    num_codebooks: int | None = None,
+    subvector_dim: int | None = None,
+    **options: Any,
 ) -> Quantizer:
-    """The LSQ with the most code bits per element that fits the budget.
+    """The (product) LSQ of lowest :func:`expected_distortion` that fits the budget.
 
-    Searches ``num_centroids`` in 16, 32, ..., 256 (at most the rows), each
-    with the most codebooks that fit, and keeps the one whose codes carry the
-    most bits (``num_codebooks * log2(num_centroids)`` per row); ties go to
-    the smaller stored size. Each codebook costs ``num_centroids * width * 16`` bits, so
-    small matrices only afford small ones.
+    Searches subvector widths ``d`` dividing the width (up to 32, and the whole
+    row), ``M`` in 1..8 codebooks per subspace and ``K`` in 4, 8, ..., 256
+    centroids (at most the rows), counting stored bits exactly (packed codes +
+    ``M K w`` codebook values); ties go to the smaller stored size. The
+    choice is a model's, made without the data: on Gaussian data of the sizes
+    of small LLMs (a few thousand rows) codebooks are costly and it picks one
+    or two codebooks per subspace of 2-4 columns (BENCHMARKS.md).
 
     Args:
       shape: matrix shape.
       bits_per_element: budget (codes + codebooks).
-      num_centroids: fix the centroids per codebook instead of searching.
+      num_centroids, num_codebooks, subvector_dim: fix any of the three
+        instead of searching (``subvector_dim`` must divide the width; pass
+        the width for plain, full-row LSQ).
       **options: other :func:`lsq` arguments.
 
     Raises:
-      ValueError: no configuration fits the budget.
+      ValueError: no configuration fits the budget, or ``subvector_dim`` does
+        not divide the width.
+
+    Example:
+        >>> q = lsq_for_budget((1536, 576), 3.0)
+        >>> dict(q.spec.args)["subvector_dim"], dict(q.spec.args)["num_codebooks"]
+        (2, 1)
     """
+    n, w = shape
     limit = budget_bits(shape, bits_per_element)
-    ks = [num_centroids] if num_centroids is not None else [k for k in _BUDGET_CENTROIDS if k <= shape[0]]
+    dtype_bits = _DTYPE_BITS[check_storage_dtype("codebook_dtype", options.get("codebook_dtype", "float16"))]
+    if subvector_dim is not None:
+        d = check_int("subvector_dim", subvector_dim, 1, w)
+        if w % d:
+            raise ValueError(f"subvector_dim={d} must divide the width {w}; divisors: {_divisors(w)}")
+        ds = [d]
+    else:
+        ds = [d for d in _divisors(w) if d <= _BUDGET_MAX_SUBVECTOR or d == w]
+    ms = [check_int("num_codebooks", num_codebooks, 1)] if num_codebooks is not None else range(
+        1, _BUDGET_MAX_CODEBOOKS + 1)
+    ks = [check_int("num_centroids", num_centroids, 2, 1 << 16)] if num_centroids is not None else [
+        k for k in _BUDGET_CENTROIDS if k <= n]
     best, best_score = None, None
-    for k in ks:
-        one = stored_bits(lsq(1, k, **options), shape)
-        if one > limit:
-            continue
-        # Codes share 32-bit words, so each codebook adds at least one - 31 bits.
-        top = min(256, int(limit // max(one - 31, 1)))
-        q = largest_fitting(lambda m, k=k: lsq(m, k, **options), range(1, top + 1), shape, bits_per_element)
-        score = (dict(q.spec.args)["num_codebooks"] * code_width(k), -stored_bits(q, shape))
-        if best_score is None or score > best_score:
-            best, best_score = q, score
+    for d in ds:
+        for m in ms:
+            for k in ks:
+                size = _lsq_bits(shape, d, m, k, dtype_bits)
+                if size > limit or k > n:
+                    continue
+                score = (expected_distortion(d, m, k, n), size)
+                if best_score is None or score < best_score:
+                    best, best_score = (d, m, k), score
     if best is None:
         raise ValueError(
             f"bits_per_element={bits_per_element} is too small for an LSQ of shape {tuple(shape)} "
-            f"(num_centroids in {ks})"
+            f"(subvector_dim in {ds}, num_codebooks in {list(ms)}, num_centroids in {ks})"
         )
-    return best
+    d, m, k = best
+    q = lsq(m, k, subvector_dim=None if d == w and subvector_dim is None else d, **options)
+    if stored_bits(q, shape) != best_score[1]:  # the size formula is exact; guard it
+        raise AssertionError(f"lsq stored bits {stored_bits(q, shape)} != formula {best_score[1]} for {q.spec}")
+    return q
