@@ -7,6 +7,7 @@ part of that run's results. The 2-process run starts ``scripts/distributed_quant
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -262,8 +263,18 @@ def models_run() -> dict:
 
 
 @pytest.fixture(scope="module")
-def mesh_run() -> dict:
-    return _run_worker("core")
+def mesh_run(tmp_path_factory) -> dict:
+    """The 8-device run, once per pytest run: under xdist every worker that runs one of these tests
+    builds this module fixture, so the first one runs the subprocess and leaves its result in the
+    run's shared temporary directory (the parent of each worker's basetemp) for the others."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return _run_worker("core")
+    path = tmp_path_factory.getbasetemp().parent / "sharding_mesh_run.json"
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not path.is_file():
+            path.write_text(json.dumps(_run_worker("core")))
+        return json.loads(path.read_text())
 
 
 # --------------------------------------------------------------------------- tests
