@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -69,11 +70,11 @@ def quantizer(method: str, shape: tuple[int, int], bits: float) -> qetjax.Quanti
     return qetjax.for_budget(name, shape, bits, **options)
 
 
-def decode_rows(args) -> list[str]:
+def decode_rows(args) -> Iterator[str]:
     shape = (args.rows, args.cols)
     x = jax.random.normal(jax.random.key(0), shape) * 0.02
     bw = write_bandwidth(x.size * 4, args.repeats)
-    rows = [f"write bandwidth (numpy.copyto, warm buffer): {bw / 1e9:.1f} GB/s", "",
+    yield from [f"write bandwidth (numpy.copyto, warm buffer): {bw / 1e9:.1f} GB/s", "",
             "| method | bits | stored bits/w | decode Mw/s | output GB/s | of write bw | vs pq |",
             "|---|---|---|---|---|---|---|"]
     for bits in args.bits:
@@ -86,25 +87,24 @@ def decode_rows(args) -> list[str]:
             results[method] = (qa.bits_per_element, x.size / t)
         pq_rate = results.get("pq", (0, float("nan")))[1]
         for method, (bpw, rate) in results.items():
-            rows.append(f"| {method} | {bits} | {bpw:.3f} | {rate / 1e6:.1f} | {rate * 4 / 1e9:.2f} | "
+            yield (f"| {method} | {bits} | {bpw:.3f} | {rate / 1e6:.1f} | {rate * 4 / 1e9:.2f} | "
                         f"{rate * 4 / bw:.2f} | {rate / pq_rate:.3f} |")
-    return rows
 
 
-def rate_rows(args) -> list[str]:
+def rate_rows(args) -> Iterator[str]:
     """The split code's rate cost: pulses, stored bits and SQNR at equal budget vs the joint index."""
     shape = (args.rows, args.cols)
     x = jax.random.normal(jax.random.key(0), shape)
-    rows = ["| group | bits | index | pulses K | shape bits/group | stored bits/w | SQNR dB |", "|---|---|---|---|---|---|---|"]
+    yield from ["| group | bits | index | pulses K | shape bits/group | stored bits/w | SQNR dB |",
+                "|---|---|---|---|---|---|---|"]
     for group in (32, 128):
         for bits in args.bits:
             for index in ("joint", "split"):
                 q = qetjax.for_budget("pvq", shape, bits, group_size=group, index=index)
                 qa = qetjax.quantize(q, jax.random.key(1), x)
                 k = dict(q.spec.args)["pulses"]
-                rows.append(f"| {group} | {bits} | {index} | {k} | {shape_bits(group, k, index)} | "
+                yield (f"| {group} | {bits} | {index} | {k} | {shape_bits(group, k, index)} | "
                             f"{qa.bits_per_element:.3f} | {float(qetjax.metrics.sqnr_db(x, qetjax.dequantize(qa))):.2f} |")
-    return rows
 
 
 def tree_bytes(tree) -> int:
@@ -126,7 +126,7 @@ def mode_trees(qtree, dense=None):
     return {"decode_once": dense, "per_layer": qtree, "codes": coded}, fallbacks
 
 
-def minilm_rows(args) -> list[str]:
+def minilm_rows(args) -> Iterator[str]:
     from qetjax.bench import corpus
     from qetjax.models import minilm
 
@@ -136,7 +136,7 @@ def minilm_rows(args) -> list[str]:
     dense_fn = jax.jit(minilm.embed)
     stacked_fn = jax.jit(qnn.minilm_embed)
     t32, _ = timed(lambda: dense_fn(params, **batch), args.repeats)
-    rows = [f"MiniLM batched forward, {args.batch} sentences x {batch['input_ids'].shape[1]} tokens: "
+    yield from [f"MiniLM batched forward, {args.batch} sentences x {batch['input_ids'].shape[1]} tokens: "
             f"fp32 {t32 * 1e3:.1f} ms, resident {tree_bytes(params) / 2**20:.1f} MiB", "",
             "| method | bits | mode | time / fp32 | resident MiB | peak RSS MiB | max abs diff vs decode_once |",
             "|---|---|---|---|---|---|---|"]
@@ -152,7 +152,7 @@ def minilm_rows(args) -> list[str]:
             once = dense_fn(trees["decode_once"], **batch)
             for mode, tree in trees.items():
                 if mode == "codes" and fallbacks:
-                    rows.append(f"| {method} | {bits} | codes | falls back to per_layer ({len(fallbacks)} kernels) | | | |")
+                    yield (f"| {method} | {bits} | codes | falls back to per_layer ({len(fallbacks)} kernels) | | | |")
                     continue
                 fn = dense_fn if mode == "decode_once" else stacked_fn
                 if mode == "codes":
@@ -163,12 +163,11 @@ def minilm_rows(args) -> list[str]:
                 else:
                     t, m = timed(lambda: fn(tree, **batch), args.repeats)
                     out = fn(tree, **batch)
-                rows.append(f"| {method} | {bits} | {mode} | {t / t32:.2f} | {tree_bytes(tree) / 2**20:.1f} | "
+                yield (f"| {method} | {bits} | {mode} | {t / t32:.2f} | {tree_bytes(tree) / 2**20:.1f} | "
                             f"{m / 2**20:.0f} | {float(jnp.abs(out - once).max()):.1e} |")
-    return rows
 
 
-def llm_rows(args) -> list[str]:
+def llm_rows(args) -> Iterator[str]:
     from qetjax.models import llama
 
     _, full, _ = llama.load_pretrained()
@@ -186,7 +185,7 @@ def llm_rows(args) -> list[str]:
         return t_pf, (t_ge - t_pf) / max(1, args.new_tokens - 1), m
 
     p32, g32, _ = measure(params, False)
-    rows = [f"SmolLM2 first {args.llm_layers} layers, batch {args.llm_batch}, prompt {args.prompt}, "
+    yield from [f"SmolLM2 first {args.llm_layers} layers, batch {args.llm_batch}, prompt {args.prompt}, "
             f"{args.new_tokens} new tokens: fp32 prefill {p32 * 1e3:.1f} ms, {g32 * 1e3:.2f} ms/token", "",
             "| method | bits | mode | prefill / fp32 | tokens/s / fp32 | resident MiB (layers) | peak RSS MiB |",
             "|---|---|---|---|---|---|---|"]
@@ -203,12 +202,11 @@ def llm_rows(args) -> list[str]:
             trees, fallbacks = mode_trees(qtree, llama.stack_layers(qetjax.dequantize_tree(flat_q)))
             for mode, tree in trees.items():
                 if mode == "codes" and fallbacks:
-                    rows.append(f"| {method} | {bits} | codes | falls back to per_layer | | | |")
+                    yield (f"| {method} | {bits} | codes | falls back to per_layer | | | |")
                     continue
                 pf, gt, m = measure(tree, mode == "codes")
-                rows.append(f"| {method} | {bits} | {mode} | {pf / p32:.2f} | {g32 / gt:.2f} | "
+                yield (f"| {method} | {bits} | {mode} | {pf / p32:.2f} | {g32 / gt:.2f} | "
                             f"{tree_bytes(tree['layers']) / 2**20:.1f} | {m / 2**20:.0f} |")
-    return rows
 
 
 class _null:
@@ -242,7 +240,8 @@ def main() -> None:
     for part, fn in (("decode", decode_rows), ("rate", rate_rows), ("minilm", minilm_rows), ("llm", llm_rows)):
         if part in parts:
             print(f"\n## {part}\n")
-            print("\n".join(fn(args)), flush=True)
+            for row in fn(args):  # each row as soon as it is measured
+                print(row, flush=True)
 
 
 if __name__ == "__main__":
