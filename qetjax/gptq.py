@@ -16,6 +16,9 @@ inside the group, as the GPTQ paper does: the group's grid is fixed from the
 group as it stands when its turn comes, then its columns are rounded one at a
 time, column ``j``'s error ``e_j = (w_j - q_j) / U_jj`` pushed onto the
 group's later columns (``W_G[:, >j] -= e_j U_G[j, >j]``) and ``E = [e_j]``.
+``q._replace(requantize=None)`` compensates between whole groups only (the
+grid then adapts to each compensated group). On SmolLM2 neither form wins at
+every budget (BENCHMARKS.md, sequential GPTQ rows).
 
 The quantizer ``q`` may be any registered quantizer whose encoding of a group
 of columns depends only on those columns given its fitted params, e.g.
