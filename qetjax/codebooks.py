@@ -5,7 +5,8 @@
   :class:`PQCodes`, a bit-packed ``[n, S]`` code matrix;
 - subspaces: :func:`split` a matrix into subvectors and :func:`merge` them back;
 - reconstruction: :func:`nearest_reconstruction` (each subvector by its nearest
-  centroid), :func:`additive_reconstruction` (a sum of one codeword per codebook);
+  centroid), :func:`additive_reconstruction` (a sum of one codeword per codebook),
+  :func:`product_reconstruction` (the same in each of several subspaces);
 - :func:`default_subvector_dim`, the subvector size budget solvers use by default;
 - least squares: :func:`one_hot_codes` and :func:`least_squares_codebooks` (the
   codebook update of additive quantizers).
@@ -144,6 +145,23 @@ def additive_reconstruction(cb: jax.Array, codes: jax.Array) -> jax.Array:
     """
     out = cb[0][codes[:, 0]]
     return jax.lax.fori_loop(1, cb.shape[0], lambda m, acc: acc + cb[m][codes[:, m]], out)
+
+
+def product_reconstruction(cb: jax.Array, codes: jax.Array) -> jax.Array:
+    """``x̂[:, s*d:(s+1)*d] = sum_m cb[s, m, codes[:, s, m]]``: codebooks ``[S, M, K, d]``,
+    codes ``int32[n, S, M]`` -> ``[n, S * d]``.
+
+    One ``[n, S, d]`` gather-and-add per codebook index ``m`` in a ``fori_loop``, as
+    :func:`additive_reconstruction` (which this is for ``S = 1``).
+    """
+    s, num, k, d = cb.shape
+    offset = k * jnp.arange(s, dtype=jnp.int32)[None, :]
+
+    def term(m: jax.Array) -> jax.Array:
+        return cb[:, m].reshape(s * k, d)[codes[:, :, m] + offset]
+
+    out = jax.lax.fori_loop(1, num, lambda m, acc: acc + term(m), term(0))
+    return out.reshape(codes.shape[0], s * d)
 
 
 def one_hot_codes(codes: jax.Array, k: int) -> jax.Array:

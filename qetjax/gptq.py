@@ -74,9 +74,9 @@ def _compensate(q: Quantizer, params: Any, w: jax.Array, u: jax.Array, group_siz
     cols = jnp.arange(width)
     inner = jnp.arange(group_size)
 
-    def joint(block: jax.Array, u_gg: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def joint(block: jax.Array, u_gg: jax.Array) -> jax.Array:
         error = block - q.decode(params, q.encode(params, block))
-        return block, solve_triangular(u_gg, error.T, trans="T", lower=False).T  # E U_GG^{-1}
+        return solve_triangular(u_gg, error.T, trans="T", lower=False).T  # E U_GG^{-1}
 
     def by_column(block: jax.Array, u_gg: jax.Array) -> tuple[jax.Array, jax.Array]:
         def step(j: int, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -90,20 +90,22 @@ def _compensate(q: Quantizer, params: Any, w: jax.Array, u: jax.Array, group_siz
 
         return jax.lax.fori_loop(0, group_size, step, (block, jnp.zeros_like(block)))
 
-    def body(g: int, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        w, start_w = carry
+    def body(g: int, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        w = carry[0]
         start = g * group_size
         block = jax.lax.dynamic_slice(w, (0, start), (out, group_size))
         u_gg = jax.lax.dynamic_slice(u, (start, start), (group_size, group_size))
-        frozen, scaled = (joint if q.requantize is None else by_column)(block, u_gg)
-        start_w = jax.lax.dynamic_update_slice(start_w, block, (0, start))
-        w = jax.lax.dynamic_update_slice(w, frozen, (0, start))
         u_rows = jax.lax.dynamic_slice(u, (start, 0), (group_size, width))
         later = (cols >= start + group_size)[None, :]
+        if q.requantize is None:  # the block stays as it was: frozen == start, one matrix carried
+            return (w - jnp.where(later, joint(block, u_gg) @ u_rows, 0.0),)
+        frozen, scaled = by_column(block, u_gg)
+        start_w = jax.lax.dynamic_update_slice(carry[1], block, (0, start))
+        w = jax.lax.dynamic_update_slice(w, frozen, (0, start))
         return w - jnp.where(later, scaled @ u_rows, 0.0), start_w
 
-    frozen, start_w = jax.lax.fori_loop(0, width // group_size, body, (w, w))
-    return start_w, frozen
+    carry = jax.lax.fori_loop(0, width // group_size, body, (w,) if q.requantize is None else (w, w))
+    return (carry[0], carry[0]) if q.requantize is None else (carry[1], carry[0])
 
 
 def stored_codes(q: Quantizer, params: Any, start: jax.Array, frozen: jax.Array) -> Any:

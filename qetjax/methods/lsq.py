@@ -53,7 +53,14 @@ from jax import lax
 
 from qetjax import kmeans
 from qetjax.budget import budget_bits
-from qetjax.codebooks import Codebook, PQCodes, additive_reconstruction, least_squares_codebooks, split
+from qetjax.codebooks import (
+    Codebook,
+    PQCodes,
+    additive_reconstruction,
+    least_squares_codebooks,
+    product_reconstruction,
+    split,
+)
 from qetjax.core import (
     Quantizer,
     check_int,
@@ -119,23 +126,6 @@ def local_search(
         return jnp.where(better[:, None], new, codes), jnp.where(better, new_err, err)
 
     return lax.fori_loop(0, ils_iters, round_, (codes, error(codes)))[0]
-
-
-def product_reconstruction(cb: jax.Array, codes: jax.Array) -> jax.Array:
-    """``x̂[:, s*d:(s+1)*d] = sum_m cb[s, m, codes[:, s, m]]``: codebooks ``[S, M, K, d]``,
-    codes ``int32[n, S, M]`` -> ``[n, S * d]``.
-
-    One ``[n, S, d]`` gather-and-add per codebook index ``m`` in a ``fori_loop``, as
-    :func:`qetjax.codebooks.additive_reconstruction` (which this is for ``S = 1``).
-    """
-    s, num, k, d = cb.shape
-    offset = k * jnp.arange(s, dtype=jnp.int32)[None, :]
-
-    def term(m: jax.Array) -> jax.Array:
-        return cb[:, m].reshape(s * k, d)[codes[:, :, m] + offset]
-
-    out = lax.fori_loop(1, num, lambda m, acc: acc + term(m), term(0))
-    return out.reshape(codes.shape[0], s * d)
 
 
 @register_method("lsq")
