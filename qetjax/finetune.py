@@ -208,6 +208,71 @@ def _decode_vjp(master: list, leaves: list, cotangent: jax.Array, *, treedef: An
     return jax.vjp(fn, master)[1](cotangent)[0]
 
 
+class _Parts(NamedTuple):
+    """A quantized entry's decode split in two by partial evaluation, the codes known, the trained floats not.
+
+    ``residuals(fixed)`` runs, once, every step of the decode that depends on the fixed leaves alone
+    (unpacking codes, PVQ's big-integer enumeration, rotation signs) and returns its results;
+    ``decode(master, residuals)`` and ``vjp(master, residuals, cotangent)`` run the rest, at every step.
+    """
+
+    residuals: Callable[[list], list]
+    decode: Callable[[list, list], jax.Array]
+    vjp: Callable[[list, list, jax.Array], list]
+
+
+@functools.lru_cache(maxsize=None)
+def _parts(treedef: Any, index: tuple, dtypes: tuple, masters: tuple, fixed_def: Any, fixed: tuple) -> _Parts:
+    """The :class:`_Parts` of a quantized entry, built once per quantizer, shapes and dtypes (``masters``
+    and ``fixed``: ``(shape, dtype)`` of the trained and the fixed leaves; ``fixed_def`` their structure)."""
+    from jax._src.interpreters.partial_eval import partial_eval_jaxpr_nounits  # no public equivalent (jax 0.10)
+    from jax.extend.core import jaxpr_as_fun
+
+    def fn(master: list, flat: list) -> jax.Array:
+        return _decode(master, jax.tree_util.tree_unflatten(fixed_def, flat), treedef=treedef, index=index, dtypes=dtypes)
+
+    shapes = lambda avals: [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in avals]  # noqa: E731
+    closed = jax.make_jaxpr(fn)(shapes(masters), shapes(fixed))
+    known, unknown, _, _ = partial_eval_jaxpr_nounits(closed, [True] * len(masters) + [False] * len(fixed),
+                                                      instantiate=True)
+    run_known, run_unknown = jaxpr_as_fun(known), jaxpr_as_fun(unknown)
+    rest = lambda master, residuals: run_unknown(*residuals, *master)[0]  # noqa: E731
+    return _Parts(jax.jit(lambda flat: run_known(*flat)), jax.jit(rest),
+                  jax.jit(lambda master, residuals, g: jax.vjp(lambda m: rest(m, residuals), master)[1](g)[0]))
+
+
+def _avals(arrays: list) -> tuple:
+    return tuple((tuple(a.shape), jnp.dtype(a.dtype).name) for a in arrays)
+
+
+class _Decoder(NamedTuple):
+    """How one quantized entry is decoded and differentiated during training (cached or not)."""
+
+    entry: _Entry
+    parts: _Parts | None = None
+    residuals: list | None = None
+
+    @classmethod
+    def of(cls, entry: _Entry, master: list, cache: bool) -> "_Decoder":
+        if not cache:
+            return cls(entry)
+        flat, fixed_def = jax.tree_util.tree_flatten(entry.leaves)
+        parts = _parts(entry.treedef, entry.index, entry.dtypes, _avals(master), fixed_def, _avals(flat))
+        return cls(entry, parts, parts.residuals(flat))
+
+    def value(self, master: list) -> jax.Array:
+        e = self.entry
+        if self.parts is None:
+            return _decode_jit(master, e.leaves, treedef=e.treedef, index=e.index, dtypes=e.dtypes)
+        return self.parts.decode(master, self.residuals)
+
+    def grad(self, master: list, cotangent: jax.Array) -> list:
+        e = self.entry
+        if self.parts is None:
+            return _decode_vjp(master, e.leaves, cotangent, treedef=e.treedef, index=e.index, dtypes=e.dtypes)
+        return self.parts.vjp(master, self.residuals, cotangent)
+
+
 @functools.partial(jax.jit, static_argnames="treedef")
 def _loss_and_grad(trained: list, fixed: list, loss: Partial, batch: Any, *, treedef: Any) -> tuple:
     def objective(values: list) -> jax.Array:
@@ -243,13 +308,13 @@ def _entries(qtree: Any, train_unquantized: bool) -> tuple[Any, list, list[_Entr
     return treedef, tops, entries, masters
 
 
-def _values(entries: list[_Entry], masters: list[list], fixed: list) -> list:
+def _values(entries: list[_Entry], decoders: list, masters: list[list], fixed: list) -> list:
     """What the model sees of every top-level leaf: trained quantized arrays decoded, trained plain leaves
     rounded to their dtypes, the others from ``fixed`` (decoded once)."""
     out = []
-    for e, m, top in zip(entries, masters, fixed):
-        if e.quantized and e.index:
-            out.append(_decode_jit(m, e.leaves, treedef=e.treedef, index=e.index, dtypes=e.dtypes))
+    for e, d, m, top in zip(entries, decoders, masters, fixed):
+        if d is not None:
+            out.append(d.value(m))
         elif e.index:
             out.append(_restore(m, list(e.dtypes))[0])
         else:
@@ -257,14 +322,14 @@ def _values(entries: list[_Entry], masters: list[list], fixed: list) -> list:
     return out
 
 
-def _grads(entries: list[_Entry], masters: list[list], grads: list) -> list[list]:
+def _grads(entries: list[_Entry], decoders: list, masters: list[list], grads: list) -> list[list]:
     """The gradients of the masters from those of the values the model saw (chain rule through decode)."""
     out = []
-    for e, m, g in zip(entries, masters, grads):
+    for e, d, m, g in zip(entries, decoders, masters, grads):
         if not e.index:
             out.append([])
-        elif e.quantized:
-            out.append(_decode_vjp(m, e.leaves, g, treedef=e.treedef, index=e.index, dtypes=e.dtypes))
+        elif d is not None:
+            out.append(d.grad(m, g))
         else:
             out.append([g.astype(jnp.float32)])
     return out
@@ -283,6 +348,7 @@ def finetune(
     train_unquantized: bool = False,
     progress: bool = True,
     callback: Callable[[int, float, float | None], None] | None = None,
+    cache_decode: bool = True,
 ) -> Any:
     """Trains the float side information of ``qtree`` on ``loss``; integer codes stay fixed.
 
@@ -309,6 +375,11 @@ def finetune(
       callback: called as ``callback(step, train_loss, held_out_loss_or_None)`` after every step;
         a true return value stops the run there (e.g. a wall-clock budget), after a last
         held-out evaluation of the current state.
+      cache_decode: run the part of each quantized leaf's decode that depends on its integer
+        codes alone once, before training, and keep its results (found by partial evaluation
+        of the decode, the codes known: unpacked codes, PVQ's enumerated shapes, rotation signs),
+        so that each step only recomputes what the trained floats enter. About 4 bytes per
+        weight held for the whole run; ``False`` recomputes the whole decode at every step.
 
     Returns:
       A tree of ``qtree``'s structure: the trained float leaves (of the best held-out
@@ -347,10 +418,12 @@ def finetune(
                          + ("" if train_unquantized else "; pass train_unquantized=True to train plain leaves") + ")")
     loss = loss if isinstance(loss, Partial) else Partial(loss)
     trained_at = [bool(e.index) for e in entries]
+    decoders = [_Decoder.of(e, m, bool(cache_decode)) if e.quantized and e.index else None
+                for e, m in zip(entries, masters)]
     constant = [dequantize(top) if e.quantized and not e.index else top for e, top in zip(entries, tops)]
 
     def held_loss(m: list[list]) -> float:
-        value = float(_mean_loss(_values(entries, m, constant), loss, held, treedef=treedef))
+        value = float(_mean_loss(_values(entries, decoders, m, constant), loss, held, treedef=treedef))
         if not math.isfinite(value):
             raise ValueError(f"the held-out loss is {value}; check the loss and the batches")
         return value
@@ -362,12 +435,12 @@ def finetune(
 
     bar = tqdm(range(steps), desc="finetune", unit="step", disable=not progress)
     for step in bar:
-        values = _values(entries, masters, constant)
+        values = _values(entries, decoders, masters, constant)
         trained = [v if t else None for v, t in zip(values, trained_at)]
         fixed = [None if t else v for v, t in zip(values, trained_at)]
         value, grads = _loss_and_grad(trained, fixed, loss, _take(stacked, step % train_count), treedef=treedef)
         del values, trained, fixed  # the decoded arrays (a model's size): free them before the next ones
-        masters, opt_state = _update(masters, _grads(entries, masters, grads), opt_state, optimizer=optimizer)
+        masters, opt_state = _update(masters, _grads(entries, decoders, masters, grads), opt_state, optimizer=optimizer)
         del grads
         value = float(value)
         if not math.isfinite(value):

@@ -12,6 +12,8 @@ import pytest
 import qetjax
 from qetjax.core import METHODS
 from qetjax.finetune import (
+    _Decoder,
+    _entries,
     cosine_loss,
     default_optimizer,
     embedding_batches,
@@ -109,6 +111,15 @@ def test_gradients_finite_codes_and_bits_unchanged(name):
     changed = [not np.array_equal(np.asarray(tuned_leaf, np.float32), np.asarray(leaf, np.float32))
                for tuned_leaf, leaf in zip(jax.tree.leaves(tuned["w"]), jax.tree.leaves(qa))]
     assert any(changed), f"{name}: nothing was trained"
+
+    # finetune's decode split by partial evaluation (codes known) gives the decode and its gradient
+    _, _, (entry,), (master,) = _entries({"w": qa}, False)
+    cached, plain = _Decoder.of(entry, master, True), _Decoder.of(entry, master, False)
+    assert cached.residuals is not None and plain.residuals is None
+    np.testing.assert_allclose(np.asarray(cached.value(master)), np.asarray(qetjax.dequantize(qa)), rtol=1e-6, atol=1e-6)
+    cotangent = jax.random.normal(jax.random.key(3), w.shape)
+    for a, b in zip(cached.grad(master, cotangent), plain.grad(master, cotangent)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 def _perturbed_pq(w, codebook_dtype):
@@ -325,3 +336,11 @@ def test_cosine_and_kl_losses():
     before = float(kl(qetjax.dequantize_tree(qtree), batch))
     tuned = finetune(qtree, kl, stacked, steps=20, held_out=0, progress=False)
     assert float(kl(qetjax.dequantize_tree(tuned), batch)) < before
+
+
+def test_cache_decode_off_trains_the_same():
+    w = _weights()
+    qtree = {"w": qetjax.quantize(qetjax.pvq(16, 8, 2), jax.random.key(1), w)}
+    run = lambda cache: finetune(qtree, _output_loss(w), _inputs(6), steps=4, held_out=2, eval_every=2,  # noqa: E731
+                                 progress=False, cache_decode=cache)
+    chex.assert_trees_all_close(run(True), run(False), rtol=1e-5, atol=1e-6)
