@@ -81,7 +81,8 @@ def run_one(s: bench.Setup, batches: dict, label: str, bits: float, args: argpar
     t0 = time.perf_counter()
     try:
         cache = os.path.join(args.cache, f"minilm-{label}-{bits}.qet") if args.cache else None
-        qtree = _cached(cache, lambda: bench.quantize_model(s.params, config, "linear", bits, calib=s.calib))
+        budget = (lambda: bench.mixed_budgets(s, config, "linear", bits)) if config.mixed else (lambda: bits)
+        qtree = _cached(cache, lambda: bench.quantize_model(s.params, config, "linear", budget(), calib=s.calib))
     except ValueError as err:
         return {**row, "status": f"n/a ({str(err)[:80]})"}
     row["quantize_s"] = time.perf_counter() - t0
