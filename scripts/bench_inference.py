@@ -7,6 +7,8 @@ Every number is taken side by side in one run (the machine may be shared; ratios
    measured in the same run; decode is timed fused with a consumer (``.sum()`` in the same jit),
    so the output's fresh pages are not what is measured;
 1b. the PVQ split code's rate cost: pulses, bits and SQNR at equal budget against the joint index;
+1c. one SmolLM2-sized kernel's product with a batch of 1 or 64 activations on codes, against the
+   fp32 product and against decoding the kernel alone;
 2. MiniLM batched forward (``--batch`` sentences) and
 3. the causal LLM's (SmolLM2, first ``--llm-layers`` layers) prefill and per-token generation
    (the jit-compiled decode loop timed on its own, from the prefill's cache),
@@ -32,6 +34,7 @@ import numpy as np
 import qetjax
 from qetjax import nn as qnn
 from qetjax.bench.memory import RssPeak
+from qetjax.combinators import transposed
 from qetjax.methods.pvq.quantizer import shape_bits
 
 METHODS = {  # name -> (for_budget method, options)
@@ -106,6 +109,32 @@ def rate_rows(args) -> Iterator[str]:
                 k = dict(q.spec.args)["pulses"]
                 yield (f"| {group} | {bits} | {index} | {k} | {shape_bits(group, k, index)} | "
                             f"{qa.bits_per_element:.3f} | {float(qetjax.metrics.sqnr_db(x, qetjax.dequantize(qa))):.2f} |")
+
+
+def matvec_rows(args) -> Iterator[str]:
+    """One SmolLM2-sized kernel (576 inputs, 1536 outputs, Flax ``[in, out]``) times a batch of
+    activations, on codes (``qetjax.nn.matmul``) against the fp32 product and against decoding
+    the kernel alone (fused with a sum): why generation on codes is slow or fast on this backend."""
+    w = jax.random.normal(jax.random.key(0), (576, 1536)) * 0.02
+    dense = jax.jit(lambda x, k: x @ k)
+    yield from ["| method | bits | batch | fp32 x @ W us | on codes us | on codes / fp32 | decode alone us |",
+                "|---|---|---|---|---|---|---|"]
+    for bits in args.bits:
+        for method in args.methods:
+            name, options = METHODS[method]
+            qa = qetjax.quantize(transposed(qetjax.for_budget(name, (1536, 576), bits, **options)),
+                                 jax.random.key(1), w)
+            if qnn.codes_support(qa) is not None:
+                continue
+            coded = jax.jit(lambda x, k: qnn.matmul(x, k))
+            decode = jax.jit(lambda k: qetjax.dequantize(k).sum())
+            t_dec = best_time(lambda: decode(qa), args.repeats)
+            for batch in (1, 64):
+                x = jax.random.normal(jax.random.key(2), (batch, 576))
+                t32 = best_time(lambda: dense(x, w), args.repeats)
+                tc = best_time(lambda: coded(x, qa), args.repeats)
+                yield (f"| {method} | {bits} | {batch} | {t32 * 1e6:.0f} | {tc * 1e6:.0f} | {tc / t32:.1f} | "
+                       f"{t_dec * 1e6:.0f} |")
 
 
 def tree_bytes(tree) -> int:
@@ -229,7 +258,7 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=2048)
     parser.add_argument("--bits", type=float, nargs="+", default=[3.0, 4.0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--parts", default="decode,rate,minilm,llm")
+    parser.add_argument("--parts", default="decode,rate,matvec,minilm,llm")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--llm-layers", type=int, default=30)
     parser.add_argument("--llm-batch", type=int, default=1)
@@ -242,7 +271,8 @@ def main() -> None:
         if args.methods == list(METHODS):
             args.methods = ["rtn", "pq", "rq", "pvq", "pvq-split"]
     parts = args.parts.split(",")
-    for part, fn in (("decode", decode_rows), ("rate", rate_rows), ("minilm", minilm_rows), ("llm", llm_rows)):
+    for part, fn in (("decode", decode_rows), ("rate", rate_rows), ("matvec", matvec_rows), ("minilm", minilm_rows),
+                     ("llm", llm_rows)):
         if part in parts:
             print(f"\n## {part}\n")
             for row in fn(args):  # each row as soon as it is measured
