@@ -235,6 +235,8 @@ def llm_rows(args) -> Iterator[str]:
             qtree = llama.stack_layers(flat_q)
             trees, fallbacks = mode_trees(qtree, llama.stack_layers(qetjax.dequantize_tree(flat_q)))
             for mode, tree in trees.items():
+                if mode not in args.modes:
+                    continue
                 if mode == "codes" and fallbacks:
                     yield (f"| {method} | {bits} | codes | falls back to per_layer | | | |")
                     continue
@@ -265,6 +267,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=["decode_once", "per_layer", "codes"],
+                        choices=["decode_once", "per_layer", "codes"], help="the LLM's execution modes to measure")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.cols, args.batch, args.llm_layers, args.prompt, args.new_tokens = 512, 1024, 8, 2, 32, 8
