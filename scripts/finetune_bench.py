@@ -159,14 +159,7 @@ def run_llm(s: smollm2.Setup, label: str, bits: float, args: argparse.Namespace)
     ids = smollm2.token_windows("calib", args.llm_calib_windows * args.llm_batch, args.llm_calib_window)
 
     def make() -> Any:
-        calib = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        inputs = None
-        if config.gptq and not config.sequential:
-            inputs = smollm2.hessian_inputs(s.params, calib)
-        budget = bits
-        if config.mixed:
-            budget = smollm2.mixed_budgets(s.params, config, bits, smollm2.fisher_diagonal(s.params, calib))
-        return smollm2.quantize_weights(s.params, config, budget, inputs=inputs, calib=calib)
+        return smollm2.quantize_config(s.params, config, bits, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
 
     cache = os.path.join(args.cache, f"smollm2-{label}-{bits}.qet") if args.cache else None
     t0 = time.perf_counter()

@@ -410,8 +410,15 @@ def test_fisher_diagonal_is_the_summed_squared_gradient(small):
     assert set(budgets) == set(fisher) and len(set(budgets.values())) > 1
     assert all(abs(b * 4 - round(b * 4)) < 1e-9 and 3.0 <= b <= 5.0 for b in budgets.values())
     assert sum(budgets[q] * sizes[q] for q in sizes) <= 4.0 * sum(sizes.values()) + 1e-6
-    bits = tree_bits(bench.quantize_weights(small, config, budgets))
+    qtree = bench.quantize_weights(small, config, budgets)
+    bits = tree_bits(qtree)
     assert bits.quantized_bits_per_weight <= 4.0 + 1e-9
+    # quantize_config: the same tree from the config, the mean budget and the Fisher diagonal
+    same = bench.quantize_config(small, config, 4.0, {"input_ids": ids, "attention_mask": np.ones_like(ids)},
+                                 fisher=fisher)
+    assert tree_bits(same) == bits
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(qtree)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_frozen_corpora_are_disjoint_and_long_enough(smollm2):

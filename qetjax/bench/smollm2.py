@@ -277,6 +277,34 @@ def mixed_budgets(params: Any, config: Config, bits_per_weight: float, fisher: M
                     step=0.25)
 
 
+def quantize_config(params: Any, config: Config, bits_per_weight: float, calib: Mapping[str, Any], *,
+                    inputs: Mapping[str, np.ndarray] | None = None,
+                    fisher: Mapping[str, np.ndarray] | None = None) -> Any:
+    """The linear kernels quantized as ``config`` asks at ``bits_per_weight``: mixed budgets and GPTQ on ``calib``.
+
+    Args:
+      params: the stacked parameter tree.
+      config: a parsed weight configuration (``+gptq``, ``+seq``, ``+mixed`` honoured).
+      bits_per_weight: the mean budget.
+      calib: calibration windows (``input_ids``, ``attention_mask``).
+      inputs: :func:`hessian_inputs` on ``calib``, to reuse across configurations (computed here
+        when one-shot GPTQ needs them and none are given).
+      fisher: :func:`fisher_diagonal` on ``calib``, likewise for ``+mixed``.
+
+    Returns:
+      The unstacked tree of :func:`quantize_weights`.
+
+    Example:
+        >>> qtree = quantize_config(s.params, parse_config("pvq:group_size=64+gptq+seq+mixed"), 3.0, s.calib)
+    """
+    if config.gptq and not config.sequential and inputs is None:
+        inputs = hessian_inputs(params, calib)
+    budget = bits_per_weight
+    if config.mixed:
+        budget = mixed_budgets(params, config, bits_per_weight, fisher_diagonal(params, calib) if fisher is None else fisher)
+    return quantize_weights(params, config, budget, inputs=inputs, calib=calib)
+
+
 def weight_rows(s: Setup, configs: Sequence[str], budgets: Sequence[float], *,
                 on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One row per (configuration, budget): stored bits/weight, perplexity, ratio, quantize seconds, peak RSS."""
@@ -293,8 +321,8 @@ def weight_rows(s: Setup, configs: Sequence[str], budgets: Sequence[float], *,
             t0 = time.perf_counter()
             try:
                 with RssPeak() as mem:
-                    bits = mixed_budgets(s.params, config, budget, fisher) if config.mixed else budget
-                    qtree = jax.block_until_ready(quantize_weights(s.params, config, bits, inputs=inputs, calib=s.calib))
+                    qtree = jax.block_until_ready(quantize_config(s.params, config, budget, s.calib, inputs=inputs,
+                                                                  fisher=fisher))
             except ValueError as err:
                 rows.append({**row, "status": f"n/a ({str(err)[:80]})"})
                 continue
