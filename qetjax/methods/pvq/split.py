@@ -245,23 +245,17 @@ def _pairs(k: jax.Array, value: jax.Array) -> jax.Array:
 
 
 
-def decode(words: jax.Array, count: int, dim: int, pulses: int) -> jax.Array:
-    """Points ``int32[count, dim]`` of ``S(dim, pulses)`` from ``count`` packed split codes.
+def _decode_search(words: jax.Array, groups: jax.Array, t: Tables, width: int) -> jax.Array:
+    """Points ``int32[len(groups), D]`` of the codes of ``groups`` (``words`` padded by one word).
 
-    Args:
-      words: ``uint32[ceil(count * split_bits / 32)]``, codes back to back (little-endian bits).
-      count: number of groups.
-      dim, pulses: ``D`` (a power of two) and ``K``.
-
-    Codes that no point has give some point or garbage pulses (never an error inside jit).
+    The general decoder, exact for every code: each exact node's split by a binary search of its
+    offsets and one 32-bit division, each wide node's by a binary search of its prefix keys.
     """
-    t = tables(dim, pulses)
-    width = split_bits(dim, pulses)
+    count, dim, pulses = groups.shape[0], t.dim, t.pulses
     search_steps = max(1, pulses.bit_length() + 1)
-    words = jnp.concatenate([words.astype(jnp.uint32), jnp.zeros(1, jnp.uint32)])
     # node-major layout [nodes, count]: children are interleaved along the major axis
     k = jnp.full((1, count), pulses, jnp.int32)
-    offset = (jnp.arange(count, dtype=jnp.int32) * width)[None, :]
+    offset = (groups.astype(jnp.int32) * width)[None, :]
     value = jnp.zeros((1, count), jnp.uint32)
     is_value = jnp.zeros((1, count), bool)
     for i, lv in enumerate(t.levels):
@@ -295,6 +289,250 @@ def decode(words: jax.Array, count: int, dim: int, pulses: int) -> jax.Array:
     value = jnp.where(read, _read(words, offset, read.astype(jnp.int32)), value)
     return jnp.where(value == 0, k, -k).astype(jnp.int32).T
 
+
+# --------------------------------------------------------------------------- fast decode tables
+
+LEAF_SIZE = 4
+LEAF_TABLE_BYTES = 3 << 20
+"""Most bytes of the leaf table (all points of ``S(4, k)`` for ``k <= leaf_pulses()``, 4 bytes each)."""
+MAX_GUIDE_BITS = 10
+GUIDE_TABLE_BYTES = 2 << 20
+"""Most bytes of one configuration's guide tables: ``2^g`` int16 cells per node ``(n, k)``, ``n >= 8``,
+``g = guide_bits(dim, pulses) <= MAX_GUIDE_BITS``."""
+
+
+def guide_bits(dim: int, pulses: int) -> int:
+    """Guide cells ``2^g`` per node: the largest ``g <= MAX_GUIDE_BITS`` within :data:`GUIDE_TABLE_BYTES` (at least 4)."""
+    levels = max(0, (dim // (2 * LEAF_SIZE)).bit_length())
+    g = MAX_GUIDE_BITS
+    while g > 4 and levels * (pulses + 1) * (2 << g) > GUIDE_TABLE_BYTES:
+        g -= 1
+    return g
+
+
+def _leaf_count(k: int) -> int:
+    return 1 if k == 0 else (8 * k**3 + 16 * k) // 3  # V(4, k)
+
+
+@functools.lru_cache(maxsize=1)
+def leaf_pulses() -> int:
+    """The most pulses ``k`` of a 4-coordinate leaf held in the leaf table (32: 2.85 MiB)."""
+    k, total = 0, _leaf_count(0)
+    while k < 127 and 4 * (total + _leaf_count(k + 1)) <= LEAF_TABLE_BYTES:
+        k += 1
+        total += _leaf_count(k)
+    return k
+
+
+def _pair_points(k: int) -> np.ndarray:
+    """Every point ``int32[V(2, k), 2]`` of ``S(2, k)`` in the order of its exact index (see :func:`_pairs`)."""
+    rows = []
+    for a in range(k + 1):
+        b = k - a
+        for sl in (1, -1) if a else (1,):
+            for sr in (1, -1) if b else (1,):
+                rows.append((sl * a, sr * b))
+    return np.array(rows, np.int32)
+
+
+@functools.lru_cache(maxsize=1)
+def leaf_table() -> tuple[np.ndarray, np.ndarray]:
+    """``(base int32[kmax + 1], points int32[sum_k V(4, k)])``: the points of ``S(4, k)``, ``k <= kmax =``
+    :func:`leaf_pulses`, each packed as four int8 lanes (coordinate ``c`` in bits ``8c..8c+7``),
+    point ``v`` of ``k`` at ``base[k] + v`` in the order of the node's exact joint index
+    ``off(k, a) + i_left V(2, k - a) + i_right``."""
+    kmax = leaf_pulses()
+    pairs = [_pair_points(j) for j in range(kmax + 1)]
+    blocks, base, total = [], [], 0
+    for k in range(kmax + 1):
+        parts = [np.concatenate([np.repeat(pairs[a], len(pairs[k - a]), 0), np.tile(pairs[k - a], (len(pairs[a]), 1))], 1)
+                 for a in range(k + 1)]
+        pts = np.concatenate(parts)
+        assert len(pts) == _leaf_count(k)
+        base.append(total)
+        total += len(pts)
+        lanes = (pts.astype(np.int64) & 0xFF) << (8 * np.arange(4))
+        blocks.append(lanes.sum(1).astype(np.uint32).view(np.int32))
+    return np.array(base, np.int32), np.concatenate(blocks)
+
+
+def _magic(d: int) -> tuple[int, int]:
+    """``(m, l)`` with ``n // d == (t + ((n - t) >> min(l, 1))) >> max(l - 1, 0)``, ``t = mulhi(m, n)``,
+    for every 32-bit ``n`` (Granlund and Montgomery 1994, Fig. 4.1); ``1 <= d < 2^32``."""
+    l = (d - 1).bit_length()
+    return ((1 << 32) * ((1 << l) - d)) // d + 1, l
+
+
+def _mulhi(a: jax.Array, b: jax.Array) -> jax.Array:
+    """The high 32 bits of the 64-bit product of ``uint32`` arrays, from 16-bit halves (no 64-bit type)."""
+    lo, sixteen = jnp.uint32(0xFFFF), jnp.uint32(16)
+    a0, a1, b0, b1 = a & lo, a >> sixteen, b & lo, b >> sixteen
+    p01, p10 = a0 * b1, a1 * b0
+    mid = ((a0 * b0) >> sixteen) + (p01 & lo) + (p10 & lo)
+    return a1 * b1 + (p01 >> sixteen) + (p10 >> sixteen) + (mid >> sixteen)
+
+
+def divide(n: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
+    """``n // d`` for ``uint32`` ``n`` and the :func:`_magic` ``(m, l)`` of ``d``: multiplies and shifts only
+    (XLA CPU has no vector integer division)."""
+    t, l = _mulhi(m, n), l.astype(jnp.int32)
+    return (t + ((n - t) >> jnp.minimum(l, 1).astype(jnp.uint32))) >> jnp.maximum(l - 1, 0).astype(jnp.uint32)
+
+
+class FastLevel(NamedTuple):
+    """Decode tables of the nodes of one size ``n >= 8`` (flattened rows, ``k = 0..K``).
+
+    Attributes:
+      cells: ``g``, :func:`guide_bits`: ``2^g`` guide cells per node.
+      meta: ``int32[K+1]``: ``W(n, k)`` in bits 0..15, the prefix bits ``T`` in 16..20, the guide
+        shift in 21..26, bit 27 set for exact nodes.
+      bounds: ``uint32[(K+1) * (K+2)]``: row ``k`` holds ``off(k, .)`` (exact) or the prefix keys
+        (wide), ascending, padded with ``2^32 - 1``.
+      guide: ``int16[(K+1) * 2^g]``: for the cell ``c`` of the searched value ``x``
+        (``x >> shift``), ``2 j + s`` with ``j`` the last position whose bound is at most the
+        cell's first value and ``s = 1`` when more than two positions meet the cell.
+      order: ``int32[(K+1) * (K+2)]``, the split ``a`` of wide key ``j``.
+      child_width: ``int32[K+1]``, ``W(n/2, k)``.
+      child_count, magic: ``uint32[K+1]``, ``V(n/2, k)`` and its :func:`_magic` ``m``.
+      shift: ``int32[K+1]``, the :func:`_magic` ``l`` of ``V(n/2, k)``.
+    """
+
+    cells: int
+    meta: np.ndarray
+    bounds: np.ndarray
+    guide: np.ndarray
+    order: np.ndarray
+    child_width: np.ndarray
+    child_count: np.ndarray
+    magic: np.ndarray
+    shift: np.ndarray
+
+
+def _guide_row(bounds: list[int], top: int, shift: int, bits: int) -> np.ndarray:
+    """Guide entries ``2 j + s`` of one node: ``bounds`` ascending, searched values below ``top``."""
+    cells = np.arange(1 << bits, dtype=np.uint64)
+    first = np.minimum(cells << np.uint64(shift), top - 1)
+    last = np.minimum(((cells + 1) << np.uint64(shift)) - 1, top - 1)
+    b = np.array(bounds, np.uint64)
+    j0 = np.searchsorted(b, first, side="right") - 1
+    j1 = np.searchsorted(b, last, side="right") - 1
+    return (2 * j0 + (j1 - j0 > 1)).astype(np.int16)
+
+
+@functools.lru_cache(maxsize=16)
+def fast_tables(dim: int, pulses: int) -> tuple[FastLevel, ...]:
+    """The :class:`FastLevel` tables of the node sizes ``n >= 8`` of ``S(dim, pulses)``, root first (cached)."""
+    t = tables(dim, pulses)
+    kk, g = pulses + 1, guide_bits(dim, pulses)
+    out = []
+    for i, lv in enumerate(t.levels):
+        if lv.size < 2 * LEAF_SIZE:
+            break
+        meta = np.zeros(kk, np.int32)
+        bounds = np.full((kk, kk + 1), _PAD, np.uint32)
+        guide = np.zeros((kk, 1 << g), np.int16)
+        order = np.zeros((kk, kk + 1), np.int32)
+        for k in range(kk):
+            w = int(lv.width[k])
+            if lv.exact[k]:
+                row = [int(v) for v in lv.offsets[k, : k + 2]]
+                bounds[k, : k + 2] = row
+                top, bits = row[-1], w
+            else:
+                row = [int(v) for v in lv.keys[k, : k + 1]]
+                bounds[k, : k + 1] = row
+                order[k, : k + 1] = lv.order[k, : k + 1]
+                bits = int(lv.prefix[k])
+                top = 1 << bits
+            gshift = max(bits - g, 0)
+            guide[k] = _guide_row(row, max(top, 1), gshift, g)
+            meta[k] = w | int(lv.prefix[k]) << 16 | gshift << 21 | int(lv.exact[k]) << 27
+        counts = [max(int(c), 1) for c in lv.child_count]
+        magic = np.array([_magic(c) for c in counts], np.uint64)
+        out.append(FastLevel(g, meta, bounds.reshape(-1), guide.reshape(-1), order.reshape(-1),
+                             _child_widths(t, i).astype(np.int32), np.array(counts, np.uint32),
+                             magic[:, 0].astype(np.uint32), magic[:, 1].astype(np.int32)))
+    return tuple(out)
+
+
+def _decode_fast(words: jax.Array, count: int, t: Tables, width: int) -> tuple[jax.Array, jax.Array]:
+    """Points ``int32[count, D]`` (``D >= 4``) and ``ok bool[count]``: a table-driven decode, exact where ``ok``.
+
+    Each node of size ``n >= 8`` is split with one guide lookup and one compare (``ok`` is cleared
+    where the guide cell holds more than two candidates) and, for exact nodes, a division by
+    multiply-high; each 4-coordinate leaf is one gather from :func:`leaf_table` (``ok`` cleared
+    where its pulses exceed :func:`leaf_pulses`).
+    """
+    flat = lambda a: jnp.asarray(a)
+    kk = t.pulses + 1
+    # group-major layout [count, nodes]: children are interleaved along the last axis
+    k = jnp.full((count, 1), t.pulses, jnp.int32)
+    offset = (jnp.arange(count, dtype=jnp.int32) * width)[:, None]
+    value = jnp.zeros((count, 1), jnp.uint32)
+    is_value = jnp.zeros((count, 1), bool)
+    ok = jnp.ones((count, 1), bool)
+    for fl in fast_tables(t.dim, t.pulses):
+        meta = _take(flat(fl.meta), k)
+        w, tb, gshift, exact = meta & 0xFFFF, (meta >> 16) & 31, (meta >> 21) & 63, (meta >> 27) & 1 == 1
+        # one field read: an exact node's index (unless inside an exact parent) or a wide node's prefix
+        pos = jnp.where(exact, offset, offset + w - tb)
+        nbits = jnp.where(is_value, 0, jnp.where(exact, w, tb))
+        x = jnp.where(is_value, value, _read(words, pos, nbits))
+        rows = k * (kk + 1)
+        g = _take(flat(fl.guide), k * (1 << fl.cells) + (x >> gshift.astype(jnp.uint32)).astype(jnp.int32)).astype(jnp.int32)
+        ok = ok & ((g & 1) == 0)
+        j = (g >> 1) + (x >= _take(flat(fl.bounds), rows + (g >> 1) + 1)).astype(jnp.int32)
+        # exact: the split a = j and the halves' indices by one division; wide: the split of key j
+        rem = x - _take(flat(fl.bounds), rows + j)
+        d = jnp.clip(k - j, 0, t.pulses)
+        q = divide(rem, _take(flat(fl.magic), d), _take(flat(fl.shift), d))
+        v_left, v_right = q, rem - q * _take(flat(fl.child_count), d)
+        k_left = jnp.where(exact, j, _take(flat(fl.order), rows + j))
+        o_left = offset + _take(flat(fl.child_width), k - k_left)
+        k = _interleave(k_left, k - k_left)
+        offset = _interleave(o_left, offset)
+        value = _interleave(v_left, v_right)
+        is_value = _interleave(exact, exact)
+        ok = _interleave(ok, ok)
+    leaf = t.levels[-2]  # size 4: every node exact (V(4, k) < 2^32 for k <= MAX_PULSES)
+    value = jnp.where(is_value, value, _read(words, offset, jnp.where(is_value, 0, _take(jnp.asarray(leaf.width), k))))
+    base, points = leaf_table()
+    kmax = len(base) - 1
+    ok = ok & (k <= kmax)
+    packed = _take(flat(points), _take(flat(base), jnp.minimum(k, kmax)) + value.astype(jnp.int32))
+    lanes = (packed[..., None] << jnp.array([24, 16, 8, 0], jnp.int32)) >> 24
+    return lanes.reshape(count, t.dim), ok.all(axis=1)
+
+
+def decode(words: jax.Array, count: int, dim: int, pulses: int) -> jax.Array:
+    """Points ``int32[count, dim]`` of ``S(dim, pulses)`` from ``count`` packed split codes.
+
+    Args:
+      words: ``uint32[ceil(count * split_bits / 32)]``, codes back to back (little-endian bits).
+      count: number of groups.
+      dim, pulses: ``D`` (a power of two) and ``K``.
+
+    Groups of ``D >= 4`` go through the table-driven decoder (:func:`_decode_fast`); the few groups
+    it cannot decode exactly (a guide cell of more than two candidates, a leaf of more than
+    :func:`leaf_pulses` pulses: rare splits) are decoded again by the general search decoder,
+    up to ``max(16, count // 256)`` of them gathered, or every group when there are more
+    (``lax.switch``: static shapes, no host round trip). Codes that no point has give some point
+    or garbage pulses (never an error inside jit).
+    """
+    t = tables(dim, pulses)
+    width = split_bits(dim, pulses)
+    words = jnp.concatenate([words.astype(jnp.uint32), jnp.zeros(1, jnp.uint32)])
+    every = jnp.arange(count, dtype=jnp.int32)
+    if dim < LEAF_SIZE or count == 0:
+        return _decode_search(words, every, t, width)
+    points, ok = _decode_fast(words, count, t, width)
+    cap = min(count, max(16, count // 256))
+    bad = jnp.nonzero(~ok, size=cap, fill_value=0)[0].astype(jnp.int32)  # fill: group 0, decoded exactly again
+    misses = (~ok).sum()
+    branches = (lambda p: p,
+                lambda p: p.at[bad].set(_decode_search(words, bad, t, width)),
+                lambda p: _decode_search(words, every, t, width))
+    return jax.lax.switch((misses > 0).astype(jnp.int32) + (misses > cap).astype(jnp.int32), branches, points)
 
 # --------------------------------------------------------------------------- encode
 
