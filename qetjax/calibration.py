@@ -11,7 +11,9 @@ value), without computing anything (``jax.eval_shape``).
 :func:`qetjax.gptq.quantize`, stage by stage: the inputs of stage ``i`` are captured on the
 model whose kernels of stages ``< i`` are already quantized (sequential GPTQ: each layer
 compensates the error of the layers before it). The GPTQ group width is the quantizer's own
-:attr:`~qetjax.core.Quantizer.column_group`. :func:`gptq_blocks` does the same for a chain of
+:attr:`~qetjax.core.Quantizer.column_group` (PQ's and product LSQ's subvectors included, each
+group encoded with its own codebooks: :attr:`~qetjax.core.Quantizer.column_params`).
+:func:`gptq_blocks` does the same for a chain of
 blocks (a decoder's layers) one block at a time: block ``i`` is calibrated on the outputs of
 blocks ``< i`` already quantized, so a model of ``n`` equal layers compiles one block's capture
 instead of ``n`` captures of the whole model.
@@ -297,7 +299,8 @@ def _gptq_quantizer(path: str, q: Any, layout: str) -> tuple[Quantizer, bool]:
     if inner.column_group is None:
         raise ValueError(
             f"{path}: GPTQ needs a quantizer with column groups (Quantizer.column_group: encoding a group of columns "
-            f"depends only on those columns, e.g. rtn with a group_size, pvq); {inner.spec.name} has none here")
+            f"depends only on those columns, e.g. rtn with a group_size, pvq, pq, product lsq: lsq with a subvector_dim); "
+            f"{inner.spec.name} has none here")
     return inner, flipped
 
 

@@ -115,7 +115,13 @@ class Quantizer(NamedTuple):
         unregistered, ad-hoc quantizer, which cannot be saved or self-decoded).
       column_group: the width of the column groups whose encoding, given the fitted
         params, depends only on those columns (GPTQ's granularity: ``rtn`` with a
-        ``group_size``, ``pvq``'s groups), or ``None`` when encoding couples a whole row.
+        ``group_size``, ``pvq``'s groups, PQ's and product LSQ's subvectors), or ``None``
+        when encoding couples a whole row.
+      column_params: ``(params, start, width) -> params``, for methods whose fitted params
+        depend on the column position (one codebook per PQ subspace): the params that encode
+        and decode columns ``[start, start + width)`` as a standalone matrix, ``start`` and
+        ``width`` multiples of ``column_group`` (``start`` may be traced, ``width`` is static).
+        ``None``: the params serve any group of columns as they are (RTN, PVQ, shared PQ).
       requantize: ``(params, start, x) -> codes``, for methods that round each element on its
         own once the side information is set: the codes of ``x`` on the grid (scales, zeros)
         that ``encode(params, start)`` would choose, ``start`` and ``x`` of one shape. GPTQ uses
@@ -130,6 +136,7 @@ class Quantizer(NamedTuple):
     spec: Spec | None = None
     column_group: int | None = None
     requantize: Callable[[Any, Array, Array], Any] | None = None
+    column_params: Callable[[Any, Array, int], Any] | None = None
 
 
 class Method(NamedTuple):

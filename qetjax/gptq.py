@@ -21,11 +21,21 @@ grid then adapts to each compensated group). On SmolLM2 neither form wins at
 every budget (BENCHMARKS.md, sequential GPTQ rows).
 
 The quantizer ``q`` may be any registered quantizer whose encoding of a group
-of columns depends only on those columns given its fitted params, e.g.
-``qetjax.rtn(b, group_size=g)`` with ``g`` dividing ``group_size``, or
-``qetjax.pvq(D, K, b)`` with ``group_size = D``. Its params are fitted once on
-the original ``W``; the loop is a ``lax.fori_loop`` over groups, each updating
-the remaining columns with one matrix product.
+of columns depends only on those columns given its fitted params
+(:attr:`~qetjax.core.Quantizer.column_group`; ``group_size`` a multiple of it), e.g.
+``qetjax.rtn(b, group_size=g)``, ``qetjax.pvq(D, K, b)`` with ``group_size = D``,
+or the product-codebook methods ``qetjax.pq(d, k)`` and ``qetjax.lsq(M, K,
+subvector_dim=d)`` with ``group_size = d`` (GPTVQ's loop with vectors of ``d``
+columns). Where the params depend on the column position (one codebook per PQ
+subspace), :attr:`~qetjax.core.Quantizer.column_params` gives each group's share
+of them, so that the group is encoded as a standalone matrix. The params are
+fitted once on the original ``W`` (codebooks too: GPTVQ refits each block's
+codebooks on the compensated weights, not done here); the loop is a
+``lax.fori_loop`` over groups, each updating the remaining columns with one
+matrix product. The stored codes are ``q.encode`` of the compensated matrix,
+the codes each group got in the loop (product LSQ with several codebooks per
+subspace is the exception: its local search there draws other random starts,
+see :mod:`qetjax.methods.lsq`).
 
 Example:
     >>> qa = quantize(qetjax.rtn(3, group_size=64), jax.random.key(0), w, x)  # group_size: q.column_group
@@ -61,6 +71,26 @@ def inverse_cholesky(h: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
     return jnp.linalg.cholesky(h_inv).T, live
 
 
+def check_group_size(q: Quantizer, group_size: int | None) -> int:
+    """GPTQ's group width for ``q``: ``group_size`` checked against ``q.column_group``, or that width.
+
+    Raises:
+      ValueError: ``q`` has no column groups and no ``group_size`` is given, or
+        ``group_size`` is not a positive multiple of ``q.column_group``.
+    """
+    if group_size is None:
+        group_size = q.column_group
+        if group_size is None:
+            raise ValueError(f"{q.spec.name} has no column groups here (Quantizer.column_group is None: its encoding "
+                             "couples a whole row); GPTQ needs e.g. rtn with a group_size, pvq, pq, or product lsq "
+                             "(lsq with a subvector_dim)")
+    group_size = check_int("group_size", group_size, 1)
+    if q.column_group is not None and group_size % q.column_group:
+        raise ValueError(f"group_size={group_size} must be a multiple of {q.spec.name}'s column groups "
+                         f"(Quantizer.column_group={q.column_group}): a group of GPTQ is encoded as whole groups of q")
+    return group_size
+
+
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _compensate(q: Quantizer, params: Any, w: jax.Array, u: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array]:
     """The matrices ``(start, frozen)``: each group as it stood when its turn came, and the values
@@ -74,15 +104,15 @@ def _compensate(q: Quantizer, params: Any, w: jax.Array, u: jax.Array, group_siz
     cols = jnp.arange(width)
     inner = jnp.arange(group_size)
 
-    def joint(block: jax.Array, u_gg: jax.Array) -> jax.Array:
-        error = block - q.decode(params, q.encode(params, block))
+    def joint(p: Any, block: jax.Array, u_gg: jax.Array) -> jax.Array:
+        error = block - q.decode(p, q.encode(p, block))
         return solve_triangular(u_gg, error.T, trans="T", lower=False).T  # E U_GG^{-1}
 
-    def by_column(block: jax.Array, u_gg: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def by_column(p: Any, block: jax.Array, u_gg: jax.Array) -> tuple[jax.Array, jax.Array]:
         def step(j: int, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
             current, scaled = carry
             column = jax.lax.dynamic_index_in_dim(current, j, axis=1, keepdims=False)
-            snapped = jax.lax.dynamic_index_in_dim(q.decode(params, q.requantize(params, block, current)), j, axis=1,
+            snapped = jax.lax.dynamic_index_in_dim(q.decode(p, q.requantize(p, block, current)), j, axis=1,
                                                    keepdims=False)
             e = (column - snapped) / u_gg[j, j]
             current = current - jnp.where((inner > j)[None, :], e[:, None] * u_gg[j][None, :], 0.0)
@@ -97,9 +127,10 @@ def _compensate(q: Quantizer, params: Any, w: jax.Array, u: jax.Array, group_siz
         u_gg = jax.lax.dynamic_slice(u, (start, start), (group_size, group_size))
         u_rows = jax.lax.dynamic_slice(u, (start, 0), (group_size, width))
         later = (cols >= start + group_size)[None, :]
+        p = params if q.column_params is None else q.column_params(params, start, group_size)
         if q.requantize is None:  # the block stays as it was: frozen == start, one matrix carried
-            return (w - jnp.where(later, joint(block, u_gg) @ u_rows, 0.0),)
-        frozen, scaled = by_column(block, u_gg)
+            return (w - jnp.where(later, joint(p, block, u_gg) @ u_rows, 0.0),)
+        frozen, scaled = by_column(p, block, u_gg)
         start_w = jax.lax.dynamic_update_slice(carry[1], block, (0, start))
         w = jax.lax.dynamic_update_slice(w, frozen, (0, start))
         return w - jnp.where(later, scaled @ u_rows, 0.0), start_w
@@ -125,12 +156,13 @@ def quantize(
 
     Args:
       q: a registered quantizer that encodes groups of ``group_size`` columns
-        independently given its params (see the module docstring).
+        independently given its params (a ``column_group``; see the module docstring).
       key: PRNG key for ``q``'s fit.
       w: weight matrix ``[out, in]`` (rows are output channels).
       x: calibration inputs ``[samples, in]`` of the layer.
-      group_size: columns quantized together; must divide ``in``. Default: ``q.column_group``,
-        the width of the groups ``q`` encodes independently.
+      group_size: columns quantized together; must divide ``in`` and be a multiple of
+        ``q.column_group``. Default: ``q.column_group``, the width of the groups ``q``
+        encodes independently.
       damp: relative damping of the Hessian diagonal, ``> 0``.
 
     Returns:
@@ -145,12 +177,7 @@ def quantize(
         raise TypeError("q must be a Quantizer built by a registered constructor")
     w = check_matrix(w, "w")
     x = check_matrix(x, "x")
-    if group_size is None:
-        group_size = q.column_group
-        if group_size is None:
-            raise ValueError(f"{q.spec.name} has no column groups here (Quantizer.column_group is None: its encoding "
-                             "couples a whole row); GPTQ needs e.g. rtn with a group_size, or pvq")
-    group_size = check_int("group_size", group_size, 1)
+    group_size = check_group_size(q, group_size)
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"x must have {w.shape[1]} columns (the inputs of w), got shape {tuple(x.shape)}")
     if w.shape[1] % group_size:

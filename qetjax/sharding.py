@@ -28,7 +28,10 @@ each device holds and works on a share of it:
   nothing) and reduced by ``psum``; the damped inverse Cholesky factor is computed once
   per process, on one device, and copied to the others; the column-sequential
   compensation then runs on rows split over the same axis (each row's updates use only
-  that row; on CPU devices with one BLAS thread per device, see :func:`_one_blas_thread`).
+  that row; on CPU devices with one BLAS thread per device, see :func:`_one_blas_thread`),
+  with the params that encode rows (PQ's codebooks, fitted by subspaces or points as
+  above, replicated for it: each group takes its share by
+  :attr:`~qetjax.core.Quantizer.column_params`).
 
 What equals one device, bit for bit: RTN, Lloyd-Max and PQ by subspaces (only exact
 integer and elementwise work depends on the share); GPTQ given the same Hessian (tested
@@ -91,7 +94,7 @@ from jax.sharding import PartitionSpec as P
 from qetjax import gptq, kmeans
 from qetjax.codebooks import split, store_codebook
 from qetjax.combinators import TransformedCodes, TransformedParams, transposed
-from qetjax.core import PRNGKey, QuantizedArray, Quantizer, _prepare, check_int, check_matrix, from_spec, quantize
+from qetjax.core import PRNGKey, QuantizedArray, Quantizer, _prepare, check_matrix, from_spec, quantize
 
 # Methods whose encode handles each row on its own, given the params, and stores row-major.
 ROW_METHODS = frozenset({"rtn", "lloyd_max", "pq", "pvq", "trellis"})
@@ -720,12 +723,7 @@ def gptq_quantize(
         raise TypeError("q must be a Quantizer built by a registered constructor")
     _check_key(key)
     w = check_matrix(w, "w")
-    if group_size is None:
-        group_size = q.column_group
-        if group_size is None:
-            raise ValueError(f"{q.spec.name} has no column groups here (Quantizer.column_group is None); "
-                             "pass group_size or use e.g. rtn with a group_size, or pvq")
-    group_size = check_int("group_size", group_size, 1)
+    group_size = gptq.check_group_size(q, group_size)
     if w.shape[1] % group_size:
         raise ValueError(f"group_size={group_size} must divide the input width {w.shape[1]}")
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:

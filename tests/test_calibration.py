@@ -170,7 +170,7 @@ def test_errors(mlp):
     with pytest.raises(ValueError, match="a/kernel: GPTQ needs a quantizer with column groups"):
         calibration.gptq_tree(key, params, {"a/kernel": qetjax.rtn(3)}, apply, batch)  # per-row scales
     with pytest.raises(ValueError, match="column groups"):
-        calibration.gptq_tree(key, params, {"a/kernel": qetjax.pq(4, 16)}, apply, batch)
+        calibration.gptq_tree(key, params, {"a/kernel": qetjax.lsq(2, 16)}, apply, batch)  # full-row additive codes
     with pytest.raises(ValueError, match="column groups"):
         gptq.quantize(qetjax.rtn(3), key, params["a"]["kernel"].T, np.ones((4, 12), np.float32))
     with pytest.raises(TypeError, match="registered"):

@@ -191,3 +191,28 @@ def test_encode_with_params_of_another_width_or_method(name):
     if jax.tree_util.tree_leaves(qa.params):
         with pytest.raises(ValueError, match="params do not fit"):
             qetjax.encode_with(q, {"codebook": jnp.zeros(3)}, x)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_column_groups_encode_on_their_own(name):
+    """``column_group`` (GPTQ's granularity): a group of columns encoded as a standalone matrix, with
+    ``column_params`` (its share of position-dependent params, at a traced start) or the params as
+    they are, decodes to what the whole matrix decodes to in those columns."""
+    q, x, _, qa = case(name)
+    g = q.column_group
+    if g is None:
+        assert q.column_params is None, "column_params without column_group"
+        return
+    w = x.shape[1]
+    assert w % g == 0
+    whole = np.asarray(qetjax.dequantize(qa))
+    width = 2 * g if w % (2 * g) == 0 else g
+
+    @jax.jit
+    def group(params, start):
+        p = params if q.column_params is None else q.column_params(params, start, width)
+        return q.decode(p, q.encode(p, jax.lax.dynamic_slice_in_dim(jnp.asarray(x), start, width, axis=1)))
+
+    for start in sorted({0, w - width}):
+        np.testing.assert_allclose(np.asarray(group(qa.params, jnp.int32(start))), whole[:, start:start + width],
+                                   rtol=1e-6, atol=1e-6, err_msg=f"{name}: columns {start}..{start + width}")

@@ -1,4 +1,4 @@
-"""GPTQ error compensation with RTN and PVQ."""
+"""GPTQ error compensation with RTN, PVQ and the product-codebook methods (PQ, product LSQ)."""
 
 import chex
 import jax
@@ -118,3 +118,130 @@ def test_requantize_on_its_own_start_is_encode(q):
     far = q.decode(None, q.requantize(None, x, 10 * x))
     top = jnp.max(jnp.abs(q.decode(None, a)))
     assert bool(jnp.all(jnp.abs(far) <= top + 1e-6))
+
+
+# --------------------------------------------------------------------------- product codebooks (PQ, product LSQ)
+
+
+@pytest.fixture(scope="module")
+def tall_layer():
+    """A layer with more output rows than centroids (codebooks fitted on 16 rows would fit them exactly)."""
+    k = jax.random.split(jax.random.key(7), 3)
+    d, out, n = 24, 256, 384
+    mix = jax.random.normal(k[0], (d, d)) / np.sqrt(d) + jnp.eye(d)
+    x = (jax.random.normal(k[1], (n, d)) @ mix) * jnp.linspace(0.2, 3.0, d)  # correlated, uneven inputs
+    return jax.random.normal(k[2], (out, d)), x
+
+
+_LSQ_FAST = {"train_iters": 3, "encode_ils_iters": 2, "train_ils_iters": 1, "icm_iters": 2}
+PRODUCT = {
+    "pq": qetjax.pq(2, 16, iters=8),
+    "pq_shared": qetjax.pq(3, 16, shared_codebook=True, iters=8),
+    "pq_cqo": qetjax.pq(2, 16, codebook_bits=6, iters=8),
+    "lsq_m1": qetjax.lsq(1, 16, subvector_dim=2, **_LSQ_FAST),
+    "lsq_m2": qetjax.lsq(2, 8, subvector_dim=4, **_LSQ_FAST),
+}
+
+
+def test_product_codebook_methods_have_column_groups():
+    for name, q in PRODUCT.items():
+        assert q.column_group == dict(q.spec.args)["subvector_dim"], name
+    assert PRODUCT["pq_shared"].column_params is None  # one codebook serves every position
+    assert PRODUCT["pq"].column_params is not None and PRODUCT["lsq_m2"].column_params is not None
+    assert qetjax.lsq(2, 8).column_group is None  # full-row additive codes couple the whole row
+
+
+@pytest.mark.parametrize("name", ["pq", "pq_shared", "lsq_m1", pytest.param("pq_cqo", marks=pytest.mark.slow),
+                                  pytest.param("lsq_m2", marks=pytest.mark.slow)])
+def test_gptq_lowers_product_codebook_output_error_same_bits_same_codebooks(tall_layer, name):
+    q = PRODUCT[name]
+    w, x = tall_layer
+    plain = qetjax.quantize(q, jax.random.key(1), w)
+    comp = gptq.quantize(q, jax.random.key(1), w, x)
+    e_plain = gptq.output_error(w, qetjax.dequantize(plain), x)
+    e_comp = gptq.output_error(w, qetjax.dequantize(comp), x)
+    assert e_comp < 0.95 * e_plain, (e_comp, e_plain)
+    assert qetjax.bits(comp) == qetjax.bits(plain)
+    chex.assert_trees_all_equal(comp.params, plain.params)  # codebooks fitted once, on the original w
+
+
+def _nearest(parts, codebook):
+    """Nearest centroid of each row of ``parts[n, d]`` in ``codebook[k, d]`` (ties to the lowest), float64."""
+    dist = ((parts[:, None, :] - codebook[None]) ** 2).sum(-1)
+    return dist.argmin(axis=1)
+
+
+def _reference_gptq_pq(w, x, codebooks, d, damp=0.01):
+    """GPTQ over groups of ``d`` columns in float64 NumPy, each group (one subvector per row) quantized
+    jointly to its nearest centroid of ``codebooks[s]`` (``[S or 1, k, d]``), its error pushed on."""
+    w = np.array(w, np.float64)
+    x = np.asarray(x, np.float64)
+    cb = np.asarray(codebooks, np.float64)
+    h = x.T @ x / x.shape[0]
+    h += damp * np.mean(np.diag(h)) * np.eye(h.shape[0])
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    out, codes = np.zeros_like(w), np.zeros((w.shape[0], w.shape[1] // d), np.int64)
+    for s in range(w.shape[1] // d):
+        g = slice(s * d, (s + 1) * d)
+        c = cb[s if cb.shape[0] > 1 else 0]
+        codes[:, s] = _nearest(w[:, g], c)
+        out[:, g] = c[codes[:, s]]
+        e = np.linalg.solve(u[g, g].T, (w[:, g] - out[:, g]).T).T  # E U_GG^{-1}
+        w[:, (s + 1) * d:] -= e @ u[g, (s + 1) * d:]
+    return out, codes
+
+
+@pytest.mark.parametrize("name", ["pq", "pq_shared", "lsq_m1"])
+def test_product_gptq_is_the_group_joint_reference(tall_layer, name):
+    q = PRODUCT[name]
+    w, x = tall_layer
+    qa = gptq.quantize(q, jax.random.key(1), w, x)
+    ours = np.asarray(qetjax.dequantize(qa))
+    cb = np.asarray(qa.params.values())
+    d = q.column_group
+    if name.startswith("lsq"):  # M = 1: [S * 1, K, d], each subspace's one codebook
+        assert cb.shape[0] == w.shape[1] // d
+    ref, ref_codes = _reference_gptq_pq(w, x, cb, d)
+    same = np.asarray(qa.codes.unpacked()) == ref_codes
+    assert same.mean() > 0.98, same.mean()  # float32 against float64: a near-tie may flip a few codes
+    assert gptq.output_error(w, ours, x) < 1.01 * gptq.output_error(w, ref, x)
+
+
+@pytest.mark.parametrize("shape,q", [
+    ((1, 6), qetjax.pq(2, 3, shared_codebook=True, iters=4)),  # one row: 3 subvectors train 3 centroids
+    ((5, 6), qetjax.pq(3, 4, codebook_bits=5, iters=4)),
+    ((7, 6), qetjax.pq(2, 5, iters=4)),
+    pytest.param((7, 6), qetjax.lsq(1, 4, subvector_dim=3, **_LSQ_FAST), marks=pytest.mark.slow),
+])
+def test_product_gptq_odd_sizes_match_the_reference(shape, q):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal(shape).astype(np.float32)
+    x = (rng.standard_normal((40, shape[1])) @ rng.standard_normal((shape[1], shape[1]))).astype(np.float32)
+    qa = gptq.quantize(q, jax.random.key(0), w, x)
+    ref, ref_codes = _reference_gptq_pq(w, x, np.asarray(qa.params.values()), q.column_group)
+    np.testing.assert_array_equal(np.asarray(qa.codes.unpacked()), ref_codes)
+    np.testing.assert_allclose(np.asarray(qetjax.dequantize(qa)), ref, rtol=1e-6, atol=1e-6)
+    assert qetjax.bits(qa) == qetjax.bits(qetjax.quantize(q, jax.random.key(0), w))
+
+
+def test_product_gptq_bad_group_sizes(tall_layer):
+    w, x = tall_layer
+    with pytest.raises(ValueError, match="multiple of pq's column groups"):
+        gptq.quantize(qetjax.pq(4, 16), jax.random.key(0), w, x, group_size=6)
+    with pytest.raises(ValueError, match="no column groups"):
+        gptq.quantize(qetjax.lsq(2, 8), jax.random.key(0), w, x)
+    # a group of several subvectors is quantized jointly, each with its own codebook
+    wide = gptq.quantize(qetjax.pq(2, 16, iters=8), jax.random.key(1), w, x, group_size=6)
+    plain = qetjax.quantize(qetjax.pq(2, 16, iters=8), jax.random.key(1), w)
+    assert gptq.output_error(w, qetjax.dequantize(wide), x) < gptq.output_error(w, qetjax.dequantize(plain), x)
+
+
+def test_product_gptq_on_a_mesh_equals_one_device(tall_layer):
+    from qetjax import sharding
+
+    w, x = tall_layer
+    mesh = jax.make_mesh((1,), ("data",))
+    q = PRODUCT["pq"]
+    a, b = sharding.gptq_quantize(q, jax.random.key(1), w, x, mesh), gptq.quantize(q, jax.random.key(1), w, x)
+    np.testing.assert_array_equal(np.asarray(a.codes.unpacked()), np.asarray(b.codes.unpacked()))
+    np.testing.assert_array_equal(np.asarray(a.params.values()), np.asarray(b.params.values()))

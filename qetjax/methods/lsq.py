@@ -27,7 +27,13 @@ Unlike residual quantization the codebooks are learned jointly:
 
 Subspaces are searched and trained independently, batched with ``vmap``.
 Encoding's randomness comes from ``seed`` (a constructor argument), so
-``encode`` is a deterministic function of ``(params, x)``. Stored: the
+``encode`` is a deterministic function of ``(params, x)``. Product LSQ encodes each
+subspace on its own (``column_group = subvector_dim``, with
+:attr:`~qetjax.core.Quantizer.column_params`, so :func:`qetjax.gptq.quantize` applies),
+but the random starts and perturbations are drawn for all ``S`` subspaces at once: with
+``M > 1`` a group of columns encoded as a standalone matrix can get other codes than the
+same columns within the whole matrix (another local search of the same data; with
+``M = 1`` the search is exact and the codes are the same). Stored: the
 codebooks ``[S * M, K, d]`` (subspace-major) at ``codebook_dtype`` and
 ``n * S * M`` codes of ``ceil(log2 K)`` bits, bit-packed.
 
@@ -261,7 +267,14 @@ def lsq(
         s = cb.shape[0] // num
         return product_reconstruction(cb.reshape(s, num, k, cb.shape[2]), idx.reshape(idx.shape[0], s, num))
 
-    return Quantizer(fit, encode, decode)
+    if sub is None:
+        return Quantizer(fit, encode, decode)
+
+    def column_params(params: Codebook, start: jax.Array, cols: int) -> Codebook:
+        """The float32 codebooks of the subspaces of columns ``[start, start + cols)``."""
+        return Codebook(lax.dynamic_slice_in_dim(params.values(), start // sub * num, cols // sub * num, axis=0))
+
+    return Quantizer(fit, encode, decode, column_group=sub, column_params=column_params)
 
 
 # ----------------------------------------------------------------------------- budget solver

@@ -15,6 +15,12 @@ codebook itself round-to-nearest quantized to ``b`` bits with a minimum and step
 per codebook at ``codebook_dtype`` (CQO). Encoding uses the stored (rounded) codebook, so
 decoding reproduces exactly what encoding chose.
 
+Each subvector is encoded on its own given the codebooks, so PQ has column groups of
+``subvector_dim`` columns (:attr:`~qetjax.core.Quantizer.column_group`) and
+:func:`qetjax.gptq.quantize` applies; with one codebook per subspace,
+:attr:`~qetjax.core.Quantizer.column_params` gives a group's codebooks (exactly the stored
+values, at float32).
+
 Example:
     >>> import jax, qetjax
     >>> x = jax.random.normal(jax.random.key(0), (4096, 64))
@@ -32,7 +38,7 @@ import jax.numpy as jnp
 
 from qetjax import kmeans
 from qetjax.budget import largest_fitting
-from qetjax.codebooks import PQCodes, default_subvector_dim, split, store_codebook
+from qetjax.codebooks import Codebook, PQCodes, default_subvector_dim, split, store_codebook
 from qetjax.core import Quantizer, check_int, check_storage_dtype, register_budget, register_method
 from qetjax.packing import code_width, pack
 
@@ -112,7 +118,11 @@ def pq(
         flat = c.reshape(-1, d)[idx + jnp.arange(idx.shape[1], dtype=jnp.int32)[None, :] * k]
         return flat.reshape(idx.shape[0], -1)
 
-    return Quantizer(fit, encode, decode)
+    def column_params(params: Any, start: jax.Array, cols: int) -> Codebook:
+        """The float32 codebooks of the subspaces of columns ``[start, start + cols)``."""
+        return Codebook(jax.lax.dynamic_slice_in_dim(params.values(), start // d, cols // d, axis=0))
+
+    return Quantizer(fit, encode, decode, column_group=d, column_params=None if shared else column_params)
 
 
 @register_budget("pq")
