@@ -40,6 +40,7 @@ see :mod:`qetjax.methods.lsq`).
 Example:
     >>> qa = quantize(qetjax.rtn(3, group_size=64), jax.random.key(0), w, x)  # group_size: q.column_group
     >>> w_hat = qetjax.dequantize(qa)
+    >>> qa = quantize(qetjax.pq(2, 64), jax.random.key(0), w, x)  # groups of 2 columns, each with its codebook
 """
 
 from __future__ import annotations
