@@ -336,24 +336,25 @@ def _pair_points(k: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1)
-def leaf_table() -> tuple[np.ndarray, np.ndarray]:
-    """``(base int32[kmax + 1], points int32[sum_k V(4, k)])``: the points of ``S(4, k)``, ``k <= kmax =``
-    :func:`leaf_pulses`, each packed as four int8 lanes (coordinate ``c`` in bits ``8c..8c+7``),
-    point ``v`` of ``k`` at ``base[k] + v`` in the order of the node's exact joint index
-    ``off(k, a) + i_left V(2, k - a) + i_right``."""
+def leaf_table() -> np.ndarray:
+    """``int32[sum_{k <= kmax} V(4, k)]``: every point of ``S(4, k)``, ``k <= kmax =`` :func:`leaf_pulses`,
+    packed as four int8 lanes (coordinate ``c`` in bits ``8c..8c+7``); the point of exact index
+    ``v = off(k, a) + i_left V(2, k - a) + i_right`` is at ``sum_{j < k} V(4, j) + v``.
+
+    Example:
+        >>> leaf_table().nbytes / 2**20
+        2.846...
+    """
     kmax = leaf_pulses()
     pairs = [_pair_points(j) for j in range(kmax + 1)]
-    blocks, base, total = [], [], 0
+    blocks = []
     for k in range(kmax + 1):
         parts = [np.concatenate([np.repeat(pairs[a], len(pairs[k - a]), 0), np.tile(pairs[k - a], (len(pairs[a]), 1))], 1)
                  for a in range(k + 1)]
         pts = np.concatenate(parts)
-        assert len(pts) == _leaf_count(k)
-        base.append(total)
-        total += len(pts)
         lanes = (pts.astype(np.int64) & 0xFF) << (8 * np.arange(4))
         blocks.append(lanes.sum(1).astype(np.uint32).view(np.int32))
-    return np.array(base, np.int32), np.concatenate(blocks)
+    return np.concatenate(blocks)
 
 
 def _magic(d: int) -> tuple[int, int]:
@@ -372,10 +373,10 @@ def _mulhi(a: jax.Array, b: jax.Array) -> jax.Array:
     return a1 * b1 + (p01 >> sixteen) + (p10 >> sixteen) + (mid >> sixteen)
 
 
-def divide(n: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
-    """``n // d`` for ``uint32`` ``n`` and the :func:`_magic` ``(m, l)`` of ``d``: multiplies and shifts only
-    (XLA CPU has no vector integer division)."""
-    t, l = _mulhi(m, n), l.astype(jnp.int32)
+def divide(n: jax.Array, d: jax.Array, m: jax.Array) -> jax.Array:
+    """``n // d`` for ``uint32`` ``n`` and ``d >= 1`` with ``m`` the :func:`_magic` of ``d``: multiplies
+    and shifts only (XLA CPU has no vector integer division)."""
+    t, l = _mulhi(m, n), 32 - jax.lax.clz(d - 1).astype(jnp.int32)  # l = ceil(log2 d)
     return (t + ((n - t) >> jnp.minimum(l, 1).astype(jnp.uint32))) >> jnp.maximum(l - 1, 0).astype(jnp.uint32)
 
 
@@ -391,21 +392,19 @@ class FastLevel(NamedTuple):
       guide: ``int16[(K+1) * 2^g]``: for the cell ``c`` of the searched value ``x``
         (``x >> shift``), ``2 j + s`` with ``j`` the last position whose bound is at most the
         cell's first value and ``s = 1`` when more than two positions meet the cell.
-      order: ``int32[(K+1) * (K+2)]``, the split ``a`` of wide key ``j``.
-      child_width: ``int32[K+1]``, ``W(n/2, k)``.
-      child_count, magic: ``uint32[K+1]``, ``V(n/2, k)`` and its :func:`_magic` ``m``.
-      shift: ``int32[K+1]``, the :func:`_magic` ``l`` of ``V(n/2, k)``.
+      split: ``int32[(K+1) * (K+2)]``: for position ``j`` of row ``k``, the split ``a`` (``j`` for
+        exact nodes, the split of key ``j`` for wide ones) in bits 0..15 and ``W(n/2, k - a)`` above.
+      child_count, magic: ``uint32[K+1]``, ``V(n/2, k)`` (1 where it is ``2^32`` or more, never
+        divided by) and its :func:`_magic` ``m``.
     """
 
     cells: int
     meta: np.ndarray
     bounds: np.ndarray
     guide: np.ndarray
-    order: np.ndarray
-    child_width: np.ndarray
+    split: np.ndarray
     child_count: np.ndarray
     magic: np.ndarray
-    shift: np.ndarray
 
 
 def _guide_row(bounds: list[int], top: int, shift: int, bits: int) -> np.ndarray:
@@ -428,31 +427,37 @@ def fast_tables(dim: int, pulses: int) -> tuple[FastLevel, ...]:
     for i, lv in enumerate(t.levels):
         if lv.size < 2 * LEAF_SIZE:
             break
+        child_width = _child_widths(t, i).astype(np.int64)
         meta = np.zeros(kk, np.int32)
         bounds = np.full((kk, kk + 1), _PAD, np.uint32)
         guide = np.zeros((kk, 1 << g), np.int16)
-        order = np.zeros((kk, kk + 1), np.int32)
+        split_at = np.zeros((kk, kk + 1), np.int32)
         for k in range(kk):
             w = int(lv.width[k])
             if lv.exact[k]:
                 row = [int(v) for v in lv.offsets[k, : k + 2]]
-                bounds[k, : k + 2] = row
+                splits = np.arange(k + 1)
                 top, bits = row[-1], w
             else:
                 row = [int(v) for v in lv.keys[k, : k + 1]]
-                bounds[k, : k + 1] = row
-                order[k, : k + 1] = lv.order[k, : k + 1]
+                splits = lv.order[k, : k + 1].astype(np.int64)
                 bits = int(lv.prefix[k])
                 top = 1 << bits
+            bounds[k, : len(row)] = row
+            split_at[k, : k + 1] = splits | child_width[k - splits] << 16
             gshift = max(bits - g, 0)
             guide[k] = _guide_row(row, max(top, 1), gshift, g)
             meta[k] = w | int(lv.prefix[k]) << 16 | gshift << 21 | int(lv.exact[k]) << 27
         counts = [max(int(c), 1) for c in lv.child_count]
-        magic = np.array([_magic(c) for c in counts], np.uint64)
-        out.append(FastLevel(g, meta, bounds.reshape(-1), guide.reshape(-1), order.reshape(-1),
-                             _child_widths(t, i).astype(np.int32), np.array(counts, np.uint32),
-                             magic[:, 0].astype(np.uint32), magic[:, 1].astype(np.int32)))
+        out.append(FastLevel(g, meta, bounds.reshape(-1), guide.reshape(-1), split_at.reshape(-1),
+                             np.array(counts, np.uint32), np.array([_magic(c)[0] for c in counts], np.uint32)))
     return tuple(out)
+
+
+def _leaf_base(k: jax.Array) -> jax.Array:
+    """``sum_{j < k} V(4, j)`` in closed form (``V(4, 0) = 1``, ``V(4, j) = (8 j^3 + 16 j) / 3``), int32 for ``k <= 127``."""
+    s1 = (k - 1) * k // 2  # sum_{j < k} j; sum j^3 = s1^2
+    return jnp.where(k > 0, 1 + (8 * s1 * s1 + 16 * s1) // 3, 0)
 
 
 def _decode_fast(words: jax.Array, count: int, t: Tables, width: int) -> tuple[jax.Array, jax.Array]:
@@ -461,9 +466,9 @@ def _decode_fast(words: jax.Array, count: int, t: Tables, width: int) -> tuple[j
     Each node of size ``n >= 8`` is split with one guide lookup and one compare (``ok`` is cleared
     where the guide cell holds more than two candidates) and, for exact nodes, a division by
     multiply-high; each 4-coordinate leaf is one gather from :func:`leaf_table` (``ok`` cleared
-    where its pulses exceed :func:`leaf_pulses`).
+    where its pulses exceed :func:`leaf_pulses`). About 10 scalar gathers per node and 4 per leaf.
     """
-    flat = lambda a: jnp.asarray(a)
+    flat = jnp.asarray
     kk = t.pulses + 1
     # group-major layout [count, nodes]: children are interleaved along the last axis
     k = jnp.full((count, 1), t.pulses, jnp.int32)
@@ -481,25 +486,26 @@ def _decode_fast(words: jax.Array, count: int, t: Tables, width: int) -> tuple[j
         rows = k * (kk + 1)
         g = _take(flat(fl.guide), k * (1 << fl.cells) + (x >> gshift.astype(jnp.uint32)).astype(jnp.int32)).astype(jnp.int32)
         ok = ok & ((g & 1) == 0)
-        j = (g >> 1) + (x >= _take(flat(fl.bounds), rows + (g >> 1) + 1)).astype(jnp.int32)
-        # exact: the split a = j and the halves' indices by one division; wide: the split of key j
-        rem = x - _take(flat(fl.bounds), rows + j)
-        d = jnp.clip(k - j, 0, t.pulses)
-        q = divide(rem, _take(flat(fl.magic), d), _take(flat(fl.shift), d))
-        v_left, v_right = q, rem - q * _take(flat(fl.child_count), d)
-        k_left = jnp.where(exact, j, _take(flat(fl.order), rows + j))
-        o_left = offset + _take(flat(fl.child_width), k - k_left)
+        j = rows + (g >> 1)
+        j = j + (x >= _take(flat(fl.bounds), j + 1)).astype(jnp.int32)
+        rem = x - _take(flat(fl.bounds), j)
+        split_at = _take(flat(fl.split), j)
+        k_left = split_at & 0xFFFF
+        # exact nodes: the halves' indices by one division (wide nodes: unused)
+        d = jnp.clip(k - k_left, 0, t.pulses)
+        radix = _take(flat(fl.child_count), d)
+        q = divide(rem, radix, _take(flat(fl.magic), d))
         k = _interleave(k_left, k - k_left)
-        offset = _interleave(o_left, offset)
-        value = _interleave(v_left, v_right)
+        offset = _interleave(offset + (split_at >> 16), offset)
+        value = _interleave(q, rem - q * radix)
         is_value = _interleave(exact, exact)
         ok = _interleave(ok, ok)
     leaf = t.levels[-2]  # size 4: every node exact (V(4, k) < 2^32 for k <= MAX_PULSES)
     value = jnp.where(is_value, value, _read(words, offset, jnp.where(is_value, 0, _take(jnp.asarray(leaf.width), k))))
-    base, points = leaf_table()
-    kmax = len(base) - 1
+    points = leaf_table()
+    kmax = leaf_pulses()
     ok = ok & (k <= kmax)
-    packed = _take(flat(points), _take(flat(base), jnp.minimum(k, kmax)) + value.astype(jnp.int32))
+    packed = _take(flat(points), _leaf_base(jnp.minimum(k, kmax)) + value.astype(jnp.int32))
     lanes = (packed[..., None] << jnp.array([24, 16, 8, 0], jnp.int32)) >> 24
     return lanes.reshape(count, t.dim), ok.all(axis=1)
 
