@@ -1,10 +1,16 @@
 """The split PVQ code (index="split"): exact round trips against a brute-force enumeration,
-codes inside their counted width, and the quantizer option."""
+codes inside their counted width, the quantizer option, and the table-driven decoder (guide
+tables, division by multiply-high, the leaf table, the fallback for what the tables miss)."""
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qetjax.methods.pvq import split
 from qetjax.methods.pvq.enumeration import num_points
@@ -118,3 +124,118 @@ def test_budget_solver_counts_the_split_width():
         qetjax.pvq(32, 10, 4, index="exact")
     with pytest.raises(ValueError, match="power-of-two"):
         qetjax.pvq(24, 10, 4, index="split")
+
+
+# --------------------------------------------------------------------------- the table-driven decoder
+
+_encode = jax.jit(split.encode, static_argnums=(1, 2))
+_decode = jax.jit(split.decode, static_argnums=(1, 2, 3))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _fast(words, count, d, k):
+    padded = jnp.concatenate([words, jnp.zeros(1, jnp.uint32)])
+    return split._decode_fast(padded, count, split.tables(d, k), split.split_bits(d, k))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _search(words, count, d, k):
+    padded = jnp.concatenate([words, jnp.zeros(1, jnp.uint32)])
+    return split._decode_search(padded, jnp.arange(count), split.tables(d, k), split.split_bits(d, k))
+
+
+@pytest.mark.parametrize("d,k", [(4, 7), (8, 4), pytest.param(16, 2, marks=pytest.mark.slow)])
+def test_fast_decoder_on_every_point_against_brute_force_and_the_search_decoder(d, k):
+    pts = np.array(_all_points(d, k), np.int32)
+    words = _encode(jnp.asarray(pts), d, k)
+    fast, ok = _fast(words, len(pts), d, k)
+    np.testing.assert_array_equal(np.asarray(_search(words, len(pts), d, k)), pts)
+    ok = np.asarray(ok)
+    assert ok.mean() > 0.5  # the fast path decodes most points itself
+    np.testing.assert_array_equal(np.asarray(fast)[ok], pts[ok])  # exact wherever it claims to be
+    np.testing.assert_array_equal(np.asarray(_decode(words, len(pts), d, k)), pts)
+
+
+def test_leaf_table_holds_every_point_of_the_small_leaves_in_index_order():
+    kmax = split.leaf_pulses()
+    table = split.leaf_table()
+    assert kmax == 32 and table.nbytes <= split.LEAF_TABLE_BYTES
+    assert table.size == sum(num_points(4, k) for k in range(kmax + 1))
+    for k in (0, 1, 5, kmax):  # the block of k, unpacked, is the search decoder's decode of the codes 0..V-1
+        base = int(split._leaf_base(jnp.int32(k)))
+        assert base == sum(num_points(4, j) for j in range(k))
+        lanes = (table[base: base + num_points(4, k)].astype(np.int64)[:, None] >> (8 * np.arange(4))) & 0xFF
+        lanes = np.where(lanes > 127, lanes - 256, lanes).astype(np.int32)
+        if k == 0:
+            np.testing.assert_array_equal(lanes, [[0, 0, 0, 0]])
+            continue
+        count = len(lanes)
+        words = _encode(jnp.asarray(lanes), 4, k)  # one exact 4-node per group: its index is the code
+        np.testing.assert_array_equal(_codes(np.asarray(words), split.split_bits(4, k), count), np.arange(count))
+        np.testing.assert_array_equal(np.asarray(_search(words, count, 4, k)), lanes)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 3, 7, 641, 65535, 65536, 65537, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1])
+       | st.integers(1, 2**32 - 1))
+def test_divide_by_multiply_high_is_exact_for_every_32_bit_operand(n, d):
+    m, _ = split._magic(d)
+    assert int(_divide(jnp.uint32(n), jnp.uint32(d), jnp.uint32(m))) == n // d
+
+
+_divide = jax.jit(split.divide)
+
+
+def test_divide_on_edge_operands():
+    ns = np.array([0, 1, 2, 3, 2**16 - 1, 2**16, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1], np.uint32)
+    for d in (1, 2, 3, 5, 6, 7, 255, 256, 257, 12345, 2**24 + 1, 2**31, 2**32 - 1):
+        m, _ = split._magic(d)
+        got = _divide(jnp.asarray(ns), jnp.full(ns.shape, d, jnp.uint32), jnp.full(ns.shape, m, jnp.uint32))
+        np.testing.assert_array_equal(np.asarray(got).astype(np.int64), ns.astype(np.int64) // d)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from([(8, 22), (32, 87)]), st.integers(0, 2**31 - 1))
+def test_random_points_round_trip_through_the_fast_decoder(config, seed):
+    d, k = config
+    pts = _extreme_points(np.random.default_rng(seed), d, k, 6)[np.r_[0:6, 6, 6 + d, 6 + 2 * d]]  # 6 random + 3 extremes
+    np.testing.assert_array_equal(np.asarray(_decode(_encode(jnp.asarray(pts), d, k), len(pts), d, k)), pts)
+
+
+@pytest.mark.parametrize("d,k", [(2, 1024), (4, 1), (4, 33), (8, 1024), (16, 3),
+                                 pytest.param(32, 1, marks=pytest.mark.slow), pytest.param(128, 182, marks=pytest.mark.slow),
+                                 pytest.param(128, 1024, marks=pytest.mark.slow)])
+def test_awkward_sizes_round_trip(d, k):
+    """k = 1, leaves past the table (k > 32), and K = MAX_PULSES: the fallback decodes what the tables cannot."""
+    pts = _extreme_points(np.random.default_rng(d * k), d, k, 20)
+    np.testing.assert_array_equal(np.asarray(_decode(_encode(jnp.asarray(pts), d, k), len(pts), d, k)), pts)
+
+
+class TestFallback(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_groups_the_fast_path_misses_are_decoded_exactly_in_several_rounds(self):
+        """Extreme points (all pulses in one coordinate) miss the leaf table; with ~100 groups and a
+        round of 16, the while loop runs several rounds."""
+        d, k = 16, 44
+        pts = np.concatenate([_extreme_points(np.random.default_rng(3), d, k, 20)] * 2)
+        words = _encode(jnp.asarray(pts), d, k)
+        ok = np.asarray(_fast(words, len(pts), d, k)[1])
+        assert (~ok).sum() > 16  # more misses than one round holds
+        out = self.variant(split.decode, static_argnums=(1, 2, 3))(words, len(pts), d, k)
+        chex.assert_shape(out, (len(pts), d))
+        chex.assert_type(out, jnp.int32)
+        np.testing.assert_array_equal(np.asarray(out), pts)
+
+
+def test_fast_path_covers_gaussian_data_and_its_tables_are_small():
+    """On rotated Gaussian groups at the budget solver's pulses for 4 bits, the fast path decodes
+    all but a few groups itself (the rest go through the fallback), and its tables stay small."""
+    import qetjax
+
+    x = jax.random.normal(jax.random.key(0), (32, 1024))
+    q = qetjax.for_budget("pvq", x.shape, 4.0, group_size=32, index="split")
+    qa = qetjax.quantize(q, jax.random.key(1), x)
+    k = dict(q.spec.args)["pulses"]
+    assert np.asarray(_fast(qa.codes.inner.codes, x.size // 32, 32, k)[1]).mean() > 0.99
+    fast_bytes = sum(sum(a.nbytes for a in f[1:]) for f in split.fast_tables(32, k))
+    assert fast_bytes < 1 << 20

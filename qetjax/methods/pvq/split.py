@@ -521,9 +521,9 @@ def decode(words: jax.Array, count: int, dim: int, pulses: int) -> jax.Array:
     Groups of ``D >= 4`` go through the table-driven decoder (:func:`_decode_fast`); the few groups
     it cannot decode exactly (a guide cell of more than two candidates, a leaf of more than
     :func:`leaf_pulses` pulses: rare splits) are decoded again by the general search decoder,
-    up to ``max(16, count // 256)`` of them gathered, or every group when there are more
-    (``lax.switch``: static shapes, no host round trip). Codes that no point has give some point
-    or garbage pulses (never an error inside jit).
+    ``max(16, count // 256)`` gathered groups at a time in a ``lax.while_loop`` (static shapes,
+    no host round trip; one pass for typical data, slower but exact for codes full of rare
+    splits). Codes that no point has give some point or garbage pulses (never an error inside jit).
     """
     t = tables(dim, pulses)
     width = split_bits(dim, pulses)
@@ -533,12 +533,15 @@ def decode(words: jax.Array, count: int, dim: int, pulses: int) -> jax.Array:
         return _decode_search(words, every, t, width)
     points, ok = _decode_fast(words, count, t, width)
     cap = min(count, max(16, count // 256))
-    bad = jnp.nonzero(~ok, size=cap, fill_value=0)[0].astype(jnp.int32)  # fill: group 0, decoded exactly again
-    misses = (~ok).sum()
-    branches = (lambda p: p,
-                lambda p: p.at[bad].set(_decode_search(words, bad, t, width)),
-                lambda p: _decode_search(words, every, t, width))
-    return jax.lax.switch((misses > 0).astype(jnp.int32) + (misses > cap).astype(jnp.int32), branches, points)
+
+    def again(state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        points, missed = state
+        # the next `cap` missed groups (filled with group 0, which is then decoded exactly again)
+        groups = jnp.nonzero(missed, size=cap, fill_value=0)[0].astype(jnp.int32)
+        return points.at[groups].set(_decode_search(words, groups, t, width)), missed.at[groups].set(False)
+
+    return jax.lax.while_loop(lambda state: state[1].any(), again, (points, ~ok))[0]
+
 
 # --------------------------------------------------------------------------- encode
 
