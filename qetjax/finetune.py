@@ -75,22 +75,29 @@ def _floating(x: Any) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def trainable_mask(qtree: Any, train_unquantized: bool = False) -> Any:
+def _wanted(train_unquantized: bool | Callable[[str], bool], path: str) -> bool:
+    """Whether the plain (unquantized) leaf at ``path`` is trained."""
+    return bool(train_unquantized(path)) if callable(train_unquantized) else bool(train_unquantized)
+
+
+def trainable_mask(qtree: Any, train_unquantized: bool | Callable[[str], bool] = False) -> Any:
     """A tree of bools of ``qtree``'s structure: ``True`` for the leaves :func:`finetune` trains.
 
     The floating leaves inside every :class:`~qetjax.core.QuantizedArray` (params and codes),
-    and with ``train_unquantized`` the floating leaves outside them; integer leaves never.
+    and those outside them that ``train_unquantized`` selects (``True``: all; a function of the
+    ``/``-joined path: those it accepts); integer leaves never.
 
     Example:
         >>> trainable_mask({"w": qa, "bias": b})   # {"w": QuantizedArray(mask...), "bias": False}
+        >>> trainable_mask({"w": qa, "bias": b}, lambda path: path.endswith("bias"))  # "bias": True
     """
 
-    def one(x: Any) -> Any:
+    def one(path: tuple, x: Any) -> Any:
         if _is_qa(x):
             return jax.tree.map(_floating, x)
-        return bool(train_unquantized) and _floating(x)
+        return _floating(x) and _wanted(train_unquantized, path_str(path))
 
-    return jax.tree.map(one, qtree, is_leaf=_is_qa)
+    return jax.tree_util.tree_map_with_path(one, qtree, is_leaf=_is_qa)
 
 
 def default_optimizer(learning_rate: float | optax.Schedule = 1e-3) -> optax.GradientTransformation:
@@ -293,14 +300,16 @@ def _update(master: list, grads: list, opt_state: Any, *, optimizer: optax.Gradi
     return optax.apply_updates(master, updates), opt_state
 
 
-def _entries(qtree: Any, train_unquantized: bool) -> tuple[Any, list, list[_Entry], list[list]]:
+def _entries(qtree: Any, train_unquantized: bool | Callable[[str], bool]
+             ) -> tuple[Any, list, list[_Entry], list[list]]:
     """The tree's top-level leaves (quantized arrays whole), their entries and float32 masters."""
-    tops, treedef = jax.tree_util.tree_flatten(qtree, is_leaf=_is_qa)
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(qtree, is_leaf=_is_qa)
+    tops = [top for _, top in with_paths]
     entries, masters = [], []
-    for top in tops:
+    for path, top in with_paths:
         quantized = _is_qa(top)
         leaves, sub = jax.tree_util.tree_flatten(top)
-        trained = [_floating(x) and (quantized or bool(train_unquantized)) for x in leaves]
+        trained = [_floating(x) and (quantized or _wanted(train_unquantized, path_str(path))) for x in leaves]
         index = tuple(i for i, t in enumerate(trained) if t)
         entries.append(_Entry(sub, [None if t else x for x, t in zip(leaves, trained)], index,
                               tuple(jnp.dtype(leaves[i].dtype).name for i in index), quantized))
@@ -345,7 +354,7 @@ def finetune(
     held_out: int | None = None,
     eval_every: int = 10,
     patience: int = 5,
-    train_unquantized: bool = False,
+    train_unquantized: bool | Callable[[str], bool] = False,
     progress: bool = True,
     callback: Callable[[int, float, float | None], None] | None = None,
     cache_decode: bool = True,
@@ -369,8 +378,9 @@ def finetune(
         there are two or more batches). ``0`` trains on all batches and returns the last state.
       eval_every: steps between held-out evaluations, >= 1.
       patience: evaluations without a held-out improvement before stopping, >= 1.
-      train_unquantized: also train the floating leaves outside the quantized arrays (norms,
-        biases, unquantized embeddings), re-stored at their dtypes too.
+      train_unquantized: also train floating leaves outside the quantized arrays, re-stored at
+        their dtypes too: ``True`` all of them (norms, biases, unquantized embeddings), or a
+        function of a leaf's ``/``-joined path that selects some (e.g. norms and biases only).
       progress: show a tqdm progress bar with the training and held-out losses.
       callback: called as ``callback(step, train_loss, held_out_loss_or_None)`` after every step;
         a true return value stops the run there (e.g. a wall-clock budget), after a last

@@ -102,7 +102,8 @@ def run_one(s: bench.Setup, batches: dict, label: str, bits: float, args: argpar
     with memory.RssPeak() as peak:
         tuned = jax.block_until_ready(finetune(
             qtree, cosine_loss(_embed), batches, optimizer(args), steps=args.steps, held_out=args.held_out,
-            eval_every=args.eval_every, patience=args.patience, progress=not args.no_progress, callback=callback))
+            eval_every=args.eval_every, patience=args.patience, progress=not args.no_progress, callback=callback,
+            train_unquantized=_norms_and_biases if args.train_norms_biases else False))
     seconds = time.perf_counter() - t0
     if tree_bits(tuned) != tree_bits(qtree):
         raise AssertionError(f"{label} at {bits}: stored bits changed by fine-tuning")
@@ -110,6 +111,11 @@ def run_one(s: bench.Setup, batches: dict, label: str, bits: float, args: argpar
     return {**row, "status": "ok", **{f"{k}_before": v for k, v in before.items()},
             **{f"{k}_after": v for k, v in after.items()}, "steps": len(steps),
             "held_out_best": min(held) if held else None, "finetune_s": seconds, "peak_MiB": peak.delta / 2**20}
+
+
+def _norms_and_biases(path: str) -> bool:
+    """MiniLM's LayerNorm scales and biases and its Dense biases (embeddings stay fixed)."""
+    return path.endswith(("/bias", "/scale"))
 
 
 def _cached(path: str | None, make: Callable[[], Any], template: Callable[[dict], Any] | None = None) -> Any:
@@ -231,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--held-out", type=int, default=4, help="calibration batches kept for early stopping")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--train-norms-biases", action="store_true",
+                   help="MiniLM: also train the unquantized LayerNorms and Dense biases (stored float32)")
     p.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
     p.add_argument("--llm-windows", type=int, default=8, help="SmolLM2 evaluation windows (8 x 256: the --quick size)")
     p.add_argument("--llm-window", type=int, default=256, help="tokens per SmolLM2 evaluation window")

@@ -247,6 +247,14 @@ def test_stored_dtypes_kept_and_unquantized_leaves_optional():
     chex.assert_trees_all_equal_dtypes(tuned, qtree)
     assert not np.array_equal(np.asarray(tuned["b"], np.float32), np.asarray(qtree["b"], np.float32))
     assert qetjax.bits(tuned["w"]) == qetjax.bits(qtree["w"])
+    # a function of the path selects which plain leaves train
+    qtree["c"] = jnp.zeros((COLS,), jnp.float32)
+    loss2 = lambda p, x: jnp.mean(jnp.square(x @ p["w"] + p["b"] + p["c"] - x @ w))  # noqa: E731
+    picked = finetune(qtree, loss2, _inputs(), optax.adam(1e-2), steps=5, held_out=0,
+                      train_unquantized=lambda path: path == "c", progress=False)
+    assert trainable_mask(qtree, lambda path: path == "c")["c"] and not trainable_mask(qtree, lambda path: path == "c")["b"]
+    np.testing.assert_array_equal(np.asarray(picked["b"]), np.asarray(qtree["b"]))
+    assert not np.array_equal(np.asarray(picked["c"]), np.asarray(qtree["c"]))
 
 
 def test_batches_as_a_sequence_equal_stacked():
