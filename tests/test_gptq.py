@@ -10,13 +10,17 @@ import qetjax
 from qetjax import gptq
 
 
+def _correlated_layer(seed: int, d: int, out: int, n: int):
+    """Weights ``[out, d]`` and ``n`` correlated calibration inputs of uneven scales."""
+    k = jax.random.split(jax.random.key(seed), 3)
+    mix = jax.random.normal(k[0], (d, d)) / np.sqrt(d) + jnp.eye(d)
+    x = (jax.random.normal(k[1], (n, d)) @ mix) * jnp.linspace(0.2, 3.0, d)
+    return jax.random.normal(k[2], (out, d)), x
+
+
 @pytest.fixture(scope="module")
 def layer():
-    k = jax.random.split(jax.random.key(0), 3)
-    d, out, n = 64, 32, 256
-    mix = jax.random.normal(k[0], (d, d)) / np.sqrt(d) + jnp.eye(d)
-    x = (jax.random.normal(k[1], (n, d)) @ mix) * jnp.linspace(0.2, 3.0, d)  # correlated, uneven inputs
-    return jax.random.normal(k[2], (out, d)), x
+    return _correlated_layer(0, 64, 32, 256)
 
 
 @pytest.mark.parametrize(
@@ -126,11 +130,7 @@ def test_requantize_on_its_own_start_is_encode(q):
 @pytest.fixture(scope="module")
 def tall_layer():
     """A layer with more output rows than centroids (codebooks fitted on 16 rows would fit them exactly)."""
-    k = jax.random.split(jax.random.key(7), 3)
-    d, out, n = 24, 256, 384
-    mix = jax.random.normal(k[0], (d, d)) / np.sqrt(d) + jnp.eye(d)
-    x = (jax.random.normal(k[1], (n, d)) @ mix) * jnp.linspace(0.2, 3.0, d)  # correlated, uneven inputs
-    return jax.random.normal(k[2], (out, d)), x
+    return _correlated_layer(7, 24, 256, 384)
 
 
 _LSQ_FAST = {"train_iters": 3, "encode_ils_iters": 2, "train_ils_iters": 1, "icm_iters": 2}
