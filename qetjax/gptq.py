@@ -72,12 +72,14 @@ def inverse_cholesky(h: jax.Array, damp: float) -> tuple[jax.Array, jax.Array]:
     return jnp.linalg.cholesky(h_inv).T, live
 
 
-def check_group_size(q: Quantizer, group_size: int | None) -> int:
-    """GPTQ's group width for ``q``: ``group_size`` checked against ``q.column_group``, or that width.
+def check_group_size(q: Quantizer, group_size: int | None, width: int, damp: float) -> int:
+    """GPTQ's group width for ``q`` on ``width`` input columns: ``group_size`` checked against
+    ``q.column_group`` and ``width``, or ``q.column_group``; ``damp`` checked too.
 
     Raises:
-      ValueError: ``q`` has no column groups and no ``group_size`` is given, or
-        ``group_size`` is not a positive multiple of ``q.column_group``.
+      ValueError: ``q`` has no column groups and no ``group_size`` is given, ``group_size`` is
+        not a positive multiple of ``q.column_group`` or does not divide ``width``, or ``damp``
+        is not a number > 0.
     """
     if group_size is None:
         group_size = q.column_group
@@ -89,6 +91,10 @@ def check_group_size(q: Quantizer, group_size: int | None) -> int:
     if q.column_group is not None and group_size % q.column_group:
         raise ValueError(f"group_size={group_size} must be a multiple of {q.spec.name}'s column groups "
                          f"(Quantizer.column_group={q.column_group}): a group of GPTQ is encoded as whole groups of q")
+    if width % group_size:
+        raise ValueError(f"group_size={group_size} must divide the input width {width}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
+        raise ValueError(f"damp must be a number > 0, got {damp!r}")
     return group_size
 
 
@@ -178,13 +184,9 @@ def quantize(
         raise TypeError("q must be a Quantizer built by a registered constructor")
     w = check_matrix(w, "w")
     x = check_matrix(x, "x")
-    group_size = check_group_size(q, group_size)
+    group_size = check_group_size(q, group_size, w.shape[1], damp)
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"x must have {w.shape[1]} columns (the inputs of w), got shape {tuple(x.shape)}")
-    if w.shape[1] % group_size:
-        raise ValueError(f"group_size={group_size} must divide the input width {w.shape[1]}")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
-        raise ValueError(f"damp must be a number > 0, got {damp!r}")
     u, live = inverse_cholesky(hessian(x), float(damp))
     w = jnp.where(live[None, :], w, 0.0)
     params = jax.jit(q.fit)(key, w)

@@ -723,11 +723,7 @@ def gptq_quantize(
         raise TypeError("q must be a Quantizer built by a registered constructor")
     _check_key(key)
     w = check_matrix(w, "w")
-    group_size = gptq.check_group_size(q, group_size)
-    if w.shape[1] % group_size:
-        raise ValueError(f"group_size={group_size} must divide the input width {w.shape[1]}")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0:
-        raise ValueError(f"damp must be a number > 0, got {damp!r}")
+    group_size = gptq.check_group_size(q, group_size, w.shape[1], damp)
     mesh = auto_mesh(mesh)
     axis, devices = _axis(mesh, axis)
     if h is None:
