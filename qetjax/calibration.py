@@ -300,7 +300,8 @@ def _gptq_quantizer(path: str, q: Any, layout: str) -> tuple[Quantizer, bool]:
         raise ValueError(
             f"{path}: GPTQ needs a quantizer with column groups (Quantizer.column_group: encoding a group of columns "
             f"depends only on those columns, e.g. rtn with a group_size, pvq, pq, product lsq: lsq with a subvector_dim); "
-            f"{inner.spec.name} has none here")
+            f"{inner.spec.name} has none here (the budget solvers of rtn, nf and rotated_rtn search only group "
+            f"sizes with granularity='group')")
     return inner, flipped
 
 

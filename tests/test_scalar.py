@@ -197,6 +197,30 @@ def test_rtn_budget_known_choices():
     assert rtn_group_sizes(7) == ()
 
 
+@pytest.mark.parametrize("method", ["rtn", "nf", "rotated_rtn"])
+@pytest.mark.parametrize("budget", [2.6, 3.04, 3.26, 4.0])
+def test_budget_granularity_group_searches_group_sizes_only(method, budget):
+    shape = (64, 1024)
+    q = qetjax.for_budget(method, shape, budget, granularity="group")
+    args = dict(q.spec.args)
+    assert args["group_size"] in rtn_group_sizes(shape[1]) and q.column_group == args["group_size"]
+    assert stored_bits(q, shape) <= budget * shape[0] * shape[1]
+    free = dict(qetjax.for_budget(method, shape, budget).spec.args)
+    if free["group_size"] is not None:  # the free search chose groups: the same choice
+        assert args == free
+    else:  # the free search chose per-row or per-tensor scales at more bits; no group fits those bits
+        assert free["bits"] > args["bits"]
+
+
+def test_budget_granularity_group_known_choice_and_errors():
+    assert qetjax.for_budget("rtn", (4096, 1024), 3.04) is qetjax.rtn(3)  # one scale per row
+    assert qetjax.for_budget("rtn", (4096, 1024), 3.04, granularity="group") is qetjax.rtn(2, group_size=32)
+    with pytest.raises(ValueError, match="granularity='group'.*d=48.*group_size"):
+        qetjax.for_budget("rtn", (8, 48), 4.0, granularity="group")
+    with pytest.raises(ValueError, match="too small"):
+        qetjax.for_budget("rtn", (8, 64), 1.4, granularity="group")
+
+
 def test_rtn_budget_errors():
     with pytest.raises(ValueError, match="too small"):
         qetjax.for_budget("rtn", (4, 4), 1.0)  # 1 bit + any scale > 1 bit per element

@@ -263,19 +263,26 @@ def rtn_for_budget(
 ) -> Quantizer:
     """The RTN quantizer with the most bits (then the finest scales) that fits the budget.
 
-    If ``group_size`` or ``granularity`` is given, only ``bits`` (1..8) is
-    chosen: the largest whose stored size (codes + scales + zeros) fits. If
-    neither is given, the granularities tried are the group sizes of
-    :func:`rtn_group_sizes` (ascending), then per row, then per tensor; the
-    result is the largest ``bits`` any of them fits, with the finest
-    granularity that fits at that ``bits``.
+    If ``group_size`` is given, or ``granularity`` is ``"row"`` or
+    ``"tensor"``, only ``bits`` (1..8) is chosen: the largest whose stored size
+    (codes + scales + zeros) fits. Otherwise the granularities tried are the
+    group sizes of :func:`rtn_group_sizes` (ascending), then, unless
+    ``granularity="group"`` restricts the search to those groups, per row and
+    per tensor; the result is the largest ``bits`` any of them fits, with the
+    finest granularity that fits at that ``bits``. ``granularity="group"`` is
+    what GPTQ needs (column groups) under budgets where per-row or per-tensor
+    scales would fit more bits, e.g. the per-leaf budgets of mixed precision.
 
     Raises:
-      ValueError: nothing fits (even 1 bit per tensor), or a given
+      ValueError: nothing fits (even 1 bit per tensor, or per largest group
+        with ``granularity="group"``), ``granularity="group"`` on a width no
+        group size of :func:`rtn_group_sizes` divides, or a given
         ``group_size`` does not divide the width.
 
     Example:
         >>> q = qetjax.for_budget("rtn", (4096, 4096), 4.25)  # rtn(4, group_size=128)
+        >>> q = qetjax.for_budget("rtn", (4096, 1024), 3.04)  # rtn(3), one scale per row
+        >>> q = qetjax.for_budget("rtn", (4096, 1024), 3.04, granularity="group")  # rtn(2, group_size=32)
     """
     return _grid_for_budget(
         "rtn", lambda b, g, gran: rtn(b, g, symmetric, gran, scale_dtype), shape, bits_per_element, group_size,
@@ -299,10 +306,18 @@ def _grid_for_budget(
     """
     if group_size is not None and shape[1] % group_size:
         raise ValueError(f"group_size={group_size} must divide the width d={shape[1]} of the matrix")
-    if group_size is not None or granularity is not None:
+    groups = [(g, None) for g in rtn_group_sizes(shape[1])]
+    if group_size is not None or granularity not in (None, "group"):
         candidates = [(group_size, granularity)]
+    elif granularity == "group":
+        if not groups:
+            raise ValueError(
+                f"granularity='group' without a group_size searches the group sizes of rtn_group_sizes "
+                f"(powers of two >= 32 below the width), and none divides the width d={shape[1]}: pass a "
+                f"group_size that divides it, or granularity=None")
+        candidates = groups
     else:
-        candidates = [(g, None) for g in rtn_group_sizes(shape[1])] + [(None, None), (None, "tensor")]
+        candidates = groups + [(None, None), (None, "tensor")]
     limit = budget_bits(shape, bits_per_element)
     best = None
     for g, gran in candidates:
