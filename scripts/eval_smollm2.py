@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", nargs="+", default=["weights", "kv", "speed"], choices=["weights", "kv", "speed"])
     ap.add_argument("--calib-windows", type=int,
                     help="calibration windows for GPTQ / mixed budgets (default: 8 with --quick, else 16)")
+    ap.add_argument("--kv-calib-windows", type=int,
+                    help="calibration windows the KV methods are fitted on (default: 2 with --quick, else 4)")
     ap.add_argument("--csv", help="also write the rows to this CSV file")
     ap.add_argument("--jsonl", help="append each row to this JSON-lines file as it is measured")
     ap.add_argument("--no-progress", action="store_true")
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         jax.clear_caches()  # each configuration compiles anew; keep a long run's memory bounded
 
     rows = smollm2.report_rows(a.quick, a.bits, a.methods, a.kv_methods, a.parts, not a.no_progress, on_row,
-                                calib_windows=a.calib_windows)
+                                calib_windows=a.calib_windows, kv_calib_windows=a.kv_calib_windows)
     print(markdown_by_part(rows))
     if a.csv:
         write_csv(a.csv, rows)

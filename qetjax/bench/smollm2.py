@@ -58,7 +58,7 @@ from qetjax.bench.config import Config, parse_config
 from qetjax.bench.corpus import llm_text
 from qetjax.bench.memory import MiB, RssPeak
 from qetjax.budget import allocate, for_budget
-from qetjax.core import METHODS, QuantizedArray, dequantize
+from qetjax.core import METHODS, QuantizedArray, check_int, dequantize
 from qetjax.methods.scalar import rtn
 from qetjax.models import llama
 from qetjax.tree import dequantize_tree, path_str, quantize_tree, tree_bits
@@ -547,10 +547,12 @@ def run(configs: Sequence[str], budgets: Sequence[float], *, parts: Sequence[str
 def report_rows(quick: bool, bits: Sequence[float], methods: Sequence[str] = WEIGHT_CONFIGS,
                 kv_methods: Sequence[str] = KV_CONFIGS, parts: Sequence[str] = ("weights", "kv", "speed"),
                 progress: bool = True, on_row: Callable[[dict], None] | None = None,
-                calib_windows: int | None = None) -> list[dict]:
+                calib_windows: int | None = None, kv_calib_windows: int | None = None) -> list[dict]:
     """:func:`run` at the ``--quick`` or full :data:`SIZES` with a tqdm progress bar (the command-line runs).
 
-    ``calib_windows`` overrides the size's number of calibration windows (GPTQ, mixed budgets).
+    ``calib_windows`` overrides the size's number of calibration windows (GPTQ, mixed budgets),
+    ``kv_calib_windows`` the number the KV methods are fitted on (at most the calibration windows
+    loaded: more are loaded if needed).
 
     ``on_row(row)`` is called after each row (e.g. to print or log it, or to drop compiled code
     with ``jax.clear_caches()``: each configuration compiles anew, so a long run's memory grows).
@@ -568,6 +570,9 @@ def report_rows(quick: bool, bits: Sequence[float], methods: Sequence[str] = WEI
         size = dict(SIZES["quick" if quick else "full"])
         if calib_windows is not None:
             size["calib_windows"] = calib_windows
+        if kv_calib_windows is not None:
+            size["kv_calib_windows"] = check_int("kv_calib_windows", kv_calib_windows, 1)
+            size["calib_windows"] = max(size["calib_windows"], kv_calib_windows)
         return run(methods, bits, parts=["reference", *parts], kv_configs=kv_methods, on_row=step, **size)
 
 
