@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -208,3 +209,110 @@ def allocate(
             snapped[k] += step
             spare -= step * int(sizes[k])
     return snapped
+
+
+def _lower_hull(points: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+    """The points ``(cost, loss, label)`` on the lower convex hull of loss against cost, cost ascending.
+
+    Points that cost more without lowering the loss are dropped first: what is left is what a
+    greedy allocation by loss decrease per bit can reach optimally.
+    """
+    hull: list[tuple[float, float, float]] = []
+    for p in sorted(points):
+        if hull and p[1] >= hull[-1][1]:
+            continue  # dominated: more bits, no less loss
+        while len(hull) >= 2:
+            (x0, y0, _), (x1, y1, _) = hull[-2], hull[-1]
+            if (y1 - y0) * (p[0] - x0) >= (p[1] - y0) * (x1 - x0):  # hull[-1] on or above the chord
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull
+
+
+def allocate_configs(
+    sensitivity: Mapping[str, float],
+    stored: Mapping[str, Mapping[float, float]],
+    sizes: Mapping[str, int],
+    bits_per_element: float,
+    reference_bits: float,
+) -> dict[str, float]:
+    """Per-leaf budgets chosen among each leaf's own configurations, storing at most the mean budget.
+
+    :func:`allocate` assumes any budget can be spent exactly; a solver with a coarse set of
+    configurations (RTN's bits and group sizes, PQ's codebook sizes) stores less than most
+    budgets, and nothing below its smallest one. Here ``stored[k]`` maps each candidate budget
+    of leaf ``k`` to the bits/element its solver's configuration at that budget actually stores,
+    and the loss model is :func:`allocate`'s on those stored bits: ``sensitivity[k] * 4 **
+    (stored[k][reference_bits] - s)``. Every leaf starts at its cheapest configuration; the
+    upgrades with the largest modelled loss decrease per stored bit (along each leaf's lower
+    convex hull) are taken while the total fits; the uniform choice (every leaf at the budget
+    ``bits_per_element``, where each leaf has it) is returned instead if it models a lower loss.
+
+    Args:
+      sensitivity: loss of each leaf quantized alone at ``reference_bits`` (``>= 0``).
+      stored: for each leaf, ``{budget: stored bits/element}``, including ``reference_bits``.
+      sizes: elements of each leaf.
+      bits_per_element: the mean budget of stored bits.
+      reference_bits: the budget at which ``sensitivity`` was measured.
+
+    Returns:
+      A budget (a key of ``stored[k]``) for each leaf; the size-weighted mean of the stored bits
+      is at most ``bits_per_element``.
+
+    Raises:
+      ValueError: the leaves do not match, a leaf has no configuration at ``reference_bits``, or
+        even the cheapest configurations exceed the mean budget.
+
+    Example:
+        >>> stored = {"a": {2.0: 1.5, 3.0: 2.5, 4.0: 3.5}, "b": {2.0: 1.5, 3.0: 2.5, 4.0: 3.5}}
+        >>> allocate_configs({"a": 1.0, "b": 1e-4}, stored, {"a": 10, "b": 10}, 3.0, 3.0)  # 3.5 + 2.5 stored
+        {'a': 4.0, 'b': 3.0}
+    """
+    if not sizes or set(sensitivity) != set(sizes) or set(stored) != set(sizes):
+        raise ValueError("sensitivity, stored and sizes must name the same, non-empty set of leaves")
+    bits_per_element = _check_number("bits_per_element", bits_per_element)
+    reference_bits = _check_number("reference_bits", reference_bits)
+    for k in sizes:
+        if not _check_number(f"sensitivity[{k!r}]", sensitivity[k]) >= 0 or int(sizes[k]) < 1:
+            raise ValueError("sensitivities must be >= 0 and sizes >= 1")
+        if reference_bits not in stored[k]:
+            raise ValueError(f"stored[{k!r}] has no configuration at reference_bits={reference_bits}")
+    total = sum(int(n) for n in sizes.values())
+    limit = bits_per_element * total * (1 + 1e-12)
+
+    def loss(k: str, s: float) -> float:
+        return float(sensitivity[k]) * 4.0 ** (stored[k][reference_bits] - s)
+
+    hulls = {k: _lower_hull([(s * int(sizes[k]), loss(k, s), b) for b, s in stored[k].items()]) for k in sizes}
+    at = dict.fromkeys(sizes, 0)
+    spent = sum(h[0][0] for h in hulls.values())
+    if spent > limit:
+        raise ValueError(f"bits_per_element={bits_per_element} is below the mean of the leaves' cheapest "
+                         f"configurations, {spent / total:.4f}")
+
+    def upgrade(k: str) -> tuple[float, float, str] | None:
+        h, i = hulls[k], at[k]
+        if i + 1 == len(h):
+            return None
+        cost = h[i + 1][0] - h[i][0]
+        return (-(h[i][1] - h[i + 1][1]) / cost, cost, k)
+
+    heap = [u for u in map(upgrade, sorted(sizes)) if u is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, cost, k = heapq.heappop(heap)
+        if spent + cost <= limit:
+            spent += cost
+            at[k] += 1
+            if (u := upgrade(k)) is not None:
+                heapq.heappush(heap, u)
+    chosen = {k: hulls[k][at[k]][2] for k in sizes}
+    if all(bits_per_element in stored[k] for k in sizes):
+        uniform = dict.fromkeys(sizes, bits_per_element)
+        model = lambda c: sum(loss(k, stored[k][b]) for k, b in c.items())
+        if (sum(stored[k][bits_per_element] * int(sizes[k]) for k in sizes) <= limit
+                and model(uniform) < model(chosen)):
+            return uniform
+    return chosen

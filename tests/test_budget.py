@@ -172,3 +172,56 @@ def test_allocate_follows_the_loss_density_and_checks_input():
     assert budget.allocate({"a": jnp.float32(1.0)}, {"a": np.int64(4)}, np.float32(3.0), 3) == {"a": 3.0}
     with pytest.raises(ValueError, match="step"):
         budget.allocate({"a": 1.0}, {"a": 1}, 3.0, 3.0, step=0.0)
+
+
+def _model(sens, stored, choice, reference):
+    return sum(sens[k] * 4.0 ** (stored[k][reference] - stored[k][b]) for k, b in choice.items())
+
+
+@given(st.lists(st.tuples(st.floats(0, 1), st.integers(1, 50),
+                          st.lists(st.floats(0.5, 6.0), min_size=1, max_size=5)), min_size=1, max_size=4),
+       st.one_of(st.sampled_from([1.0, 2.0, 3.0, 4.0, 5.0]), st.floats(1.0, 5.0)))
+def test_allocate_configs_fits_and_is_no_worse_than_uniform(leaves, mean_bits):
+    """Every budget is one of the leaf's own, the stored mean fits, and the modelled loss is at most uniform's."""
+    sens = {f"l{i}": s for i, (s, _, _) in enumerate(leaves)}
+    sizes = {f"l{i}": n for i, (_, n, _) in enumerate(leaves)}
+    # candidate budgets 1..5; stored bits grow with the budget and never exceed it
+    stored = {f"l{i}": {float(b): min(float(b), v) for b, v in zip(range(1, 6), sorted(extra + [1.0]))}
+              for i, (_, _, extra) in enumerate(leaves)}
+    reference = 1.0
+    total = sum(sizes.values())
+    if sum(min(s.values()) * sizes[k] for k, s in stored.items()) > mean_bits * total:
+        with pytest.raises(ValueError, match="cheapest"):
+            budget.allocate_configs(sens, stored, sizes, mean_bits, reference)
+        return
+    b = budget.allocate_configs(sens, stored, sizes, mean_bits, reference)
+    assert set(b) == set(sens) and all(b[k] in stored[k] for k in b)
+    assert sum(stored[k][b[k]] * sizes[k] for k in b) <= mean_bits * total * (1 + 1e-9)
+    if all(mean_bits in s for s in stored.values()):
+        uniform = dict.fromkeys(sens, mean_bits)
+        if sum(stored[k][mean_bits] * sizes[k] for k in sizes) <= mean_bits * total:
+            assert _model(sens, stored, b, reference) <= _model(sens, stored, uniform, reference) * (1 + 1e-9)
+
+
+def test_allocate_configs_is_exact_on_a_regular_grid_of_equal_leaves():
+    """Equal sizes, every leaf's configurations a quarter-bit grid: each upgrade costs the same, the loss is
+    convex in the bits, so the greedy choice is optimal: the most sensitive leaves get the most bits."""
+    grid = {2.0 + 0.25 * j: 2.0 + 0.25 * j for j in range(9)}
+    sens = {"a": 1.0, "b": 0.5, "c": 0.25, "d": 0.125}
+    b = budget.allocate_configs(sens, dict.fromkeys(sens, grid), dict.fromkeys(sens, 7), 3.0, 3.0)
+    # reverse water-filling: half the sensitivity, half a bit less (log4 2 = 0.5), mean 3.0
+    assert b == {"a": 3.75, "b": 3.25, "c": 2.75, "d": 2.25}
+
+
+def test_allocate_configs_checks_input():
+    stored = {"a": {2.0: 1.5, 3.0: 2.5}}
+    with pytest.raises(ValueError, match="same"):
+        budget.allocate_configs({"a": 1.0}, stored, {"b": 1}, 3.0, 3.0)
+    with pytest.raises(ValueError, match="reference_bits=4.0"):
+        budget.allocate_configs({"a": 1.0}, stored, {"a": 1}, 3.0, 4.0)
+    with pytest.raises(ValueError, match="cheapest.*1.5"):
+        budget.allocate_configs({"a": 1.0}, stored, {"a": 1}, 1.0, 3.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        budget.allocate_configs({"a": -1.0}, stored, {"a": 1}, 3.0, 3.0)
+    with pytest.raises(ValueError, match="finite"):
+        budget.allocate_configs({"a": float("nan")}, stored, {"a": 1}, 3.0, 3.0)

@@ -57,8 +57,8 @@ from qetjax import kv as kvq
 from qetjax.bench.config import Config, parse_config
 from qetjax.bench.corpus import llm_text
 from qetjax.bench.memory import MiB, RssPeak
-from qetjax.budget import allocate, for_budget
-from qetjax.core import METHODS, QuantizedArray, check_int, dequantize
+from qetjax.budget import allocate_configs, for_budget
+from qetjax.core import METHODS, QuantizedArray, check_int, dequantize, stored_bits
 from qetjax.methods.scalar import rtn
 from qetjax.models import llama
 from qetjax.tree import dequantize_tree, path_str, quantize_tree, tree_bits
@@ -253,17 +253,20 @@ def fisher_diagonal(params: Any, calib: Mapping[str, Any]) -> dict[str, np.ndarr
 
 
 def mixed_budgets(params: Any, config: Config, bits_per_weight: float, fisher: Mapping[str, np.ndarray],
-                  spread: tuple[float, float] = (1.0, 1.0)) -> dict[str, float]:
+                  spread: tuple[float, float] = (1.0, 1.0), step: float = 0.25) -> dict[str, float]:
     """Per-kernel budgets of mean ``bits_per_weight``, spread by each kernel's estimated loss increase.
 
     A kernel's sensitivity is ``½ Σ F (W - Ŵ)²``, the second-order estimate of the calibration
     NLL its quantization adds (``F``: :func:`fisher_diagonal`; ``Ŵ``: the kernel quantized alone at
     ``bits_per_weight`` with ``config``'s method, without GPTQ), so a kernel whose error the rest
-    of the model amplifies counts more than its output error alone says.
-    :func:`qetjax.budget.allocate` then gives each kernel a budget in ``[bits - spread[0], bits +
-    spread[1]]`` (6 dB per bit model), on a grid of quarter bits (fewer distinct configurations to
-    compile: with a budget per kernel, hundreds of compilations exhausted this machine's memory
-    maps). Every kernel stores at most its budget, so the model stays within the mean.
+    of the model amplifies counts more than its output error alone says. Each kernel's candidate
+    budgets are a grid of ``step`` bits in ``[bits - spread[0], bits + spread[1]]`` (few distinct
+    configurations to compile: with a budget per kernel, hundreds of compilations exhausted this
+    machine's memory maps), each counted at the bits its solver's configuration actually stores;
+    :func:`qetjax.budget.allocate_configs` picks one per kernel (6 dB per bit model) so that the
+    stored mean stays within ``bits_per_weight``. Solvers with a coarse set of configurations (RTN's
+    bits and group sizes) are thus neither asked for budgets below their smallest one nor left with
+    bits they cannot use.
     """
     flat = llama.unstack_layers(params)
     kernels = _kernels(flat)
@@ -271,10 +274,19 @@ def mixed_budgets(params: Any, config: Config, bits_per_weight: float, fisher: M
     done = _kernels(qtree)
     sens = {p: 0.5 * float(jnp.sum(jnp.asarray(fisher[p]) * jnp.square(dequantize(done[p]) - w)))
             for p, w in kernels.items()}
-    sizes = {p: int(np.size(w)) for p, w in kernels.items()}
     low, high = spread
-    return allocate(sens, sizes, bits_per_weight, bits_per_weight, max(bits_per_weight - low, 0.5), bits_per_weight + high,
-                    step=0.25)
+    grid = [bits_per_weight + step * j for j in range(-round(low / step), round(high / step) + 1)]
+    stored_at: dict[tuple[int, int], dict[float, float]] = {}
+    for shape in {w.shape[::-1] for w in kernels.values()}:  # solver shape [out, in]
+        stored_at[shape] = {}
+        for b in (b for b in grid if b > 0):
+            try:
+                q = for_budget(config.method, shape, b, **dict(config.options))
+            except ValueError:  # below the solver's smallest configuration
+                continue
+            stored_at[shape][b] = stored_bits(q, shape) / (shape[0] * shape[1])
+    return allocate_configs(sens, {p: stored_at[w.shape[::-1]] for p, w in kernels.items()},
+                            {p: int(np.size(w)) for p, w in kernels.items()}, bits_per_weight, bits_per_weight)
 
 
 def quantize_config(params: Any, config: Config, bits_per_weight: float, calib: Mapping[str, Any], *,
