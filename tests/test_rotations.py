@@ -11,14 +11,15 @@ from absl.testing import parameterized
 from qetjax import rotations
 
 
-@pytest.mark.parametrize("n", [1, 2, 8, 64, 256])
+@pytest.mark.parametrize("n", [1, 2, 8, 32, 64, 256, 2048])  # 64..2048: one or two Kronecker splits
 def test_fwht_matches_dense_hadamard_and_is_orthogonal_and_self_inverse(n):
     eye = jnp.eye(n, dtype=jnp.float32)
     h = np.asarray(rotations.fwht(eye))
     np.testing.assert_allclose(h, scipy.linalg.hadamard(n) / np.sqrt(n), atol=1e-6)
     np.testing.assert_allclose(h @ h.T, np.eye(n), atol=1e-5)
-    x = jax.random.normal(jax.random.key(n), (3, n))
+    x = jax.random.normal(jax.random.key(n), (2, 3, n))
     np.testing.assert_allclose(rotations.fwht(rotations.fwht(x)), x, atol=1e-5)
+    np.testing.assert_allclose(rotations.fwht(x), np.asarray(x, np.float64) @ h.T.astype(np.float64), atol=2e-6)
     # unnormalised: H H = n I (self-inverse up to scale)
     np.testing.assert_allclose((h * np.sqrt(n)) @ (h * np.sqrt(n)), n * np.eye(n), atol=1e-3)
 
