@@ -486,7 +486,8 @@ def _fit_free_codec(q: Quantizer, num_layers: int, group: int, head_dim: int, tr
 
 
 def kivi(config: Any, bits: int, *, value_bits: int | None = None, group: int = 32, value_group: int = 32,
-         window: int = 32, pre_rope: bool = False, window_dtype: str = "float16", sink: int = 0) -> QuantizedKV:
+         window: int = 32, pre_rope: bool = False, window_dtype: str = "float16", sink: int = 0,
+         key_symmetric: bool = False) -> QuantizedKV:
     """KIVI: asymmetric RTN of keys per channel (over chunks of ``group`` tokens) and values per token.
 
     Keys: each channel of each chunk of ``group`` tokens gets an fp16 scale and minimum
@@ -506,6 +507,8 @@ def kivi(config: Any, bits: int, *, value_bits: int | None = None, group: int = 
       pre_rope: quantize keys before the rotary embedding.
       window_dtype: dtype of the full-precision window and sink.
       sink: first tokens kept in full precision (see :class:`QuantizedKV`).
+      key_symmetric: keys on a symmetric grid around 0 per channel and chunk (an fp16 scale, no
+        minimum: half KIVI's key side information, for a wider grid where channels have offsets).
 
     Example:
         >>> scheme = kivi(llama.config_of(params), 2, group=32, window=32)
@@ -518,9 +521,12 @@ def kivi(config: Any, bits: int, *, value_bits: int | None = None, group: int = 
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if config.head_dim % value_group:
         raise ValueError(f"value_group ({value_group}) must divide head_dim ({config.head_dim})")
+    if not isinstance(key_symmetric, (bool, np.bool_)):
+        raise TypeError(f"key_symmetric must be a bool, got {type(key_symmetric).__name__}")
     value_q = rtn(value_bits) if value_group == config.head_dim else rtn(value_bits, group_size=value_group)
     return QuantizedKV(
-        _fit_free_codec(rtn(bits), config.num_layers, group, config.head_dim, transpose=True),
+        _fit_free_codec(rtn(bits, symmetric=bool(key_symmetric)), config.num_layers, group, config.head_dim,
+                        transpose=True),
         _fit_free_codec(value_q, config.num_layers, group, config.head_dim, transpose=False),
         int(group), int(window), bool(pre_rope), str(window_dtype), int(sink))
 

@@ -189,6 +189,23 @@ def test_cache_holds_only_codes_and_counts_every_bit(decoder):
     assert fp["total"] == 2 * 2 * 3 * T * 64 * 32
 
 
+def test_symmetric_keys_store_only_a_scale_and_keep_the_error_bound(decoder):
+    small, cfg, ids, _ = decoder
+    T, group = 256, 32
+    asym = kvq.kivi(cfg, 3, value_bits=2, value_group=64, group=group, window=0)
+    sym = kvq.kivi(cfg, 3, value_bits=2, value_group=64, group=group, window=0, key_symmetric=True)
+    saved = kvq.cache_bits(asym, cfg, 1, T)["codes"] - kvq.cache_bits(sym, cfg, 1, T)["codes"]
+    assert saved == 2 * 3 * (T // group) * 64 * 16  # one fp16 minimum per channel per chunk, layers x heads
+    x = np.random.default_rng(1).standard_normal((2, group, 64)).astype(np.float32) * 3.0
+    params = jax.tree.map(lambda a: a[0], sym.keys.params)
+    y = np.asarray(sym.keys.decode(params, sym.keys.encode(params, jnp.asarray(x))))
+    amax = np.abs(x).max(axis=1, keepdims=True)  # per channel over the chunk's tokens
+    assert np.all(np.abs(y - x) <= amax / 3 / 2 * 1.01 + 1e-3)  # half a step of a 3-bit grid on [-amax, amax]
+    assert np.all(np.abs(y) <= amax * (1 + 1e-3))
+    with pytest.raises(TypeError, match="key_symmetric"):
+        kvq.kivi(cfg, 3, key_symmetric="yes")
+
+
 def test_sink_tokens_stay_exact_and_do_not_widen_their_chunk(decoder):
     small, cfg, ids, _ = decoder
     plain = kvq.kivi(cfg, 2, group=4, window=0, window_dtype="float32")

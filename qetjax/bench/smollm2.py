@@ -422,8 +422,10 @@ def baseline_schemes(config: Any, budget: float) -> list[tuple[str, Any]]:
     :data:`KV_DEFAULTS`); KVQuant-style with the first :data:`KV_SINK` tokens in fp16 (the
     attention sink; a fixed cost, counted with the window); and KVQuant-style with the bits moved
     to the keys: ``budget`` code bits per key in chunks of 64 tokens, ``budget - 1`` per value in
-    groups of 64 channels (0.5 bit/element of side information each), with the sink. That last
-    one holds up to 64 recent tokens in fp16 instead of 32 (its window bits say so).
+    groups of 64 channels (0.5 bit/element of side information each), with the sink. That one
+    holds up to 64 recent tokens in fp16 instead of 32 (its window bits say so); the last keeps
+    chunks of 32 tokens (the 32-token ring) and pays for the key bit with symmetric keys, an fp16
+    scale per channel per chunk and no minimum (0.5 bit/element).
     """
     bits = int(round(budget)) - 1
     if bits < 1:
@@ -434,7 +436,9 @@ def baseline_schemes(config: Any, budget: float) -> list[tuple[str, Any]]:
             (f"kvquant-style {bits}-bit (pre-RoPE keys) {label}", kvq.kvquant(config, bits, **g)),
             (f"kvquant-style {bits}-bit {label} sink {KV_SINK}", kvq.kvquant(config, bits, **g, sink=KV_SINK)),
             (f"kvquant-style keys {bits + 1}-bit g64 / values {bits}-bit vg64 w0 sink {KV_SINK}",
-             kvq.kvquant(config, bits + 1, value_bits=bits, group=64, value_group=64, window=0, sink=KV_SINK))]
+             kvq.kvquant(config, bits + 1, value_bits=bits, group=64, value_group=64, window=0, sink=KV_SINK)),
+            (f"kvquant-style keys {bits + 1}-bit symmetric g32 / values {bits}-bit vg64 w0 sink {KV_SINK}",
+             kvq.kvquant(config, bits + 1, value_bits=bits, value_group=64, window=0, sink=KV_SINK, key_symmetric=True))]
 
 
 def kv_rows(s: Setup, configs: Sequence[str], budgets: Sequence[float], *, kv_calib_windows: int = 2,
@@ -572,7 +576,7 @@ def report_rows(quick: bool, bits: Sequence[float], methods: Sequence[str] = WEI
     from tqdm import tqdm
 
     total = 1 + ("weights" in parts) * (1 + len(methods) * len(bits)) + ("kv" in parts) * (
-        (4 + len(kv_methods)) * len(bits)) + ("speed" in parts) * 3
+        (5 + len(kv_methods)) * len(bits)) + ("speed" in parts) * 3
     with tqdm(total=total, disable=not progress, desc="smollm2", file=sys.stderr) as bar:
         def step(row: dict) -> None:
             bar.update(1)
