@@ -399,7 +399,10 @@ def kv_schemes(s: Setup, configs: Sequence[str], budget: float, kv_calib_windows
 
     ``kivi`` and ``kvquant`` use ``budget - 1`` code bits (their side information adds about one
     bit per element with chunks and value groups of 32); a registered method's budget solver is
-    run on a tall ``[65536, head_dim]`` matrix (its codebooks are a fixed cost, counted apart).
+    run on a tall ``[65536, head_dim]`` matrix (its codebooks are a fixed cost, counted apart). The
+    trellis's fractional rate (its first ``low_rows`` rows one bit lower, paying for its scale and
+    seed) means nothing to a cache that encodes each token as it is written: it runs at its
+    whole rate, ``low_rows=0``, its scale and seed fixed parameters counted apart like codebooks.
     """
     config = llama.config_of(s.params)
     calib = s.calib["input_ids"][:kv_calib_windows]
@@ -409,6 +412,8 @@ def kv_schemes(s: Setup, configs: Sequence[str], budget: float, kv_calib_windows
         options = dict(c.options)
         pre_rope = bool(options.pop("pre_rope", False))
         q = for_budget(c.method, (65536, config.head_dim), budget, **options)
+        if dict(q.spec.args).get("low_rows"):
+            q = METHODS[q.spec.name].constructor(**{**dict(q.spec.args), "low_rows": 0})
         scheme = kvq.fit_scheme(jax.random.key(0), q, s.params, calib, pre_rope=pre_rope)
         out.append((text + (" (pre-RoPE keys)" if pre_rope else ""), scheme))
     return out
