@@ -181,6 +181,8 @@ def minilm_rows(args) -> Iterator[str]:
             trees, fallbacks = mode_trees(qtree)
             once = dense_fn(trees["decode_once"], **batch)
             for mode, tree in trees.items():
+                if mode not in args.modes:
+                    continue
                 if mode == "codes" and fallbacks:
                     yield (f"| {method} | {bits} | codes | falls back to per_layer ({len(fallbacks)} kernels) | | | |")
                     continue
@@ -268,7 +270,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["decode_once", "per_layer", "codes"],
-                        choices=["decode_once", "per_layer", "codes"], help="the LLM's execution modes to measure")
+                        choices=["decode_once", "per_layer", "codes"], help="the execution modes to measure (MiniLM and the LLM)")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.cols, args.batch, args.llm_layers, args.prompt, args.new_tokens = 512, 1024, 8, 2, 32, 8
