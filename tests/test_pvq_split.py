@@ -15,6 +15,9 @@ from hypothesis import strategies as st
 from qetjax.methods.pvq import split
 from qetjax.methods.pvq.enumeration import num_points
 
+_encode = jax.jit(split.encode, static_argnums=(1, 2))
+_decode = jax.jit(split.decode, static_argnums=(1, 2, 3))
+
 
 def _all_points(d: int, k: int) -> list[list[int]]:
     """Every point of S(d, k), by brute force (Python ints)."""
@@ -29,14 +32,17 @@ def _codes(words: np.ndarray, width: int, count: int) -> list[int]:
     return [(stream >> (g * width)) & ((1 << width) - 1) for g in range(count)]
 
 
-@pytest.mark.parametrize("d,k", [(1, 1), (1, 4), (2, 1), (2, 6), (4, 5), (8, 3), pytest.param(8, 6, marks=pytest.mark.slow)])
-def test_every_point_round_trips_and_codes_are_distinct(d, k):
+@pytest.mark.parametrize("d,k,jit", [(1, 1, False), (1, 4, False), (2, 1, False), (2, 6, True), (4, 5, True), (8, 3, True),
+                                     pytest.param(8, 6, True, marks=pytest.mark.slow)])
+def test_every_point_round_trips_and_codes_are_distinct(d, k, jit):
+    """Eager on the smallest groups (op by op, each op compiled once), jitted on the larger ones."""
     pts = np.array(_all_points(d, k), np.int32)
     assert len(pts) == num_points(d, k)
-    words = split.encode(jnp.asarray(pts), d, k)
+    enc, dec = (_encode, _decode) if jit else (split.encode, split.decode)
+    words = enc(jnp.asarray(pts), d, k)
     width = split.split_bits(d, k)
     assert words.shape == (-(-len(pts) * width // 32),)
-    np.testing.assert_array_equal(np.asarray(split.decode(words, len(pts), d, k)), pts)
+    np.testing.assert_array_equal(np.asarray(dec(words, len(pts), d, k)), pts)
     codes = _codes(np.asarray(words), width, len(pts))
     assert len(set(codes)) == len(pts)  # a bijection onto its codes
     # all-exact nodes: the code is the exact joint index, so the width is ceil(log2 V)
@@ -57,9 +63,11 @@ def _extreme_points(rng, d: int, k: int, n: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("d,k,jit", [(32, 96, True), pytest.param(16, 300, True, marks=pytest.mark.slow), (64, 40, True),
-                                     pytest.param(128, 182, True, marks=pytest.mark.slow), (16, 40, False)])
+                                     pytest.param(128, 182, True, marks=pytest.mark.slow),
+                                     pytest.param(16, 40, False, marks=pytest.mark.slow)])
 def test_wide_groups_round_trip(d, k, jit):
-    """Groups whose count V(D, K) exceeds 2^32 use the prefix-coded splits; round trips are exact."""
+    """Groups whose count V(D, K) exceeds 2^32 use the prefix-coded splits; round trips are exact.
+    The eager decode of a wide group runs by default in TestFallback's without_jit variant (16, 44)."""
     assert num_points(d, k) >= 1 << 32
     pts = _extreme_points(np.random.default_rng(d + k), d, k, 300 if jit else 20)
     assert (np.abs(pts).sum(1) == k).all()
@@ -127,9 +135,6 @@ def test_budget_solver_counts_the_split_width():
 
 
 # --------------------------------------------------------------------------- the table-driven decoder
-
-_encode = jax.jit(split.encode, static_argnums=(1, 2))
-_decode = jax.jit(split.decode, static_argnums=(1, 2, 3))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -217,6 +222,7 @@ class TestFallback(chex.TestCase):
         """Extreme points (all pulses in one coordinate) miss the leaf table; with ~100 groups and a
         round of 16, the while loop runs several rounds."""
         d, k = 16, 44
+        assert num_points(d, k) >= 1 << 32  # a wide group: prefix-coded splits
         pts = np.concatenate([_extreme_points(np.random.default_rng(3), d, k, 20)] * 2)
         words = _encode(jnp.asarray(pts), d, k)
         ok = np.asarray(_fast(words, len(pts), d, k)[1])
