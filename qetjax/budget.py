@@ -130,6 +130,18 @@ def largest_fitting(
     return make(values[lo])
 
 
+def _check_leaves(sensitivity: Mapping[str, float], sizes: Mapping[str, int]) -> int:
+    """Checks the leaves' sensitivities (finite, ``>= 0``) and sizes (ints ``>= 1``); returns the total size."""
+    for k, s in sensitivity.items():
+        _check_number(f"sensitivity[{k!r}]", s)
+    for k, n in sizes.items():
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"sizes[{k!r}] must be an int, got {type(n).__name__}")
+    if any(not s >= 0 for s in sensitivity.values()) or any(int(n) < 1 for n in sizes.values()):
+        raise ValueError("sensitivities must be >= 0 and sizes >= 1")
+    return sum(int(n) for n in sizes.values())
+
+
 def allocate(
     sensitivity: Mapping[str, float],
     sizes: Mapping[str, int],
@@ -174,16 +186,9 @@ def allocate(
     bits_per_element, reference_bits = (_check_number(n, v) for n, v in
                                         (("bits_per_element", bits_per_element), ("reference_bits", reference_bits)))
     min_bits, max_bits = _check_number("min_bits", min_bits), _check_number("max_bits", max_bits)
-    for k, s in sensitivity.items():
-        _check_number(f"sensitivity[{k!r}]", s)
-    for k, n in sizes.items():
-        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
-            raise TypeError(f"sizes[{k!r}] must be an int, got {type(n).__name__}")
     if not min_bits <= bits_per_element <= max_bits:
         raise ValueError(f"bits_per_element={bits_per_element} must lie in [min_bits={min_bits}, max_bits={max_bits}]")
-    if any(not s >= 0 for s in sensitivity.values()) or any(int(n) < 1 for n in sizes.values()):
-        raise ValueError("sensitivities must be >= 0 and sizes >= 1")
-    total = sum(int(n) for n in sizes.values())
+    total = _check_leaves(sensitivity, sizes)
     density = {k: math.log(max(sensitivity[k], 1e-300) / int(sizes[k]), 4) for k in sizes}  # 0 -> very low
 
     def budgets(c: float) -> dict[str, float]:
@@ -274,12 +279,10 @@ def allocate_configs(
         raise ValueError("sensitivity, stored and sizes must name the same, non-empty set of leaves")
     bits_per_element = _check_number("bits_per_element", bits_per_element)
     reference_bits = _check_number("reference_bits", reference_bits)
+    total = _check_leaves(sensitivity, sizes)
     for k in sizes:
-        if not _check_number(f"sensitivity[{k!r}]", sensitivity[k]) >= 0 or int(sizes[k]) < 1:
-            raise ValueError("sensitivities must be >= 0 and sizes >= 1")
         if reference_bits not in stored[k]:
             raise ValueError(f"stored[{k!r}] has no configuration at reference_bits={reference_bits}")
-    total = sum(int(n) for n in sizes.values())
     limit = bits_per_element * total * (1 + 1e-12)
 
     def loss(k: str, s: float) -> float:
