@@ -487,7 +487,7 @@ def _fit_free_codec(q: Quantizer, num_layers: int, group: int, head_dim: int, tr
 
 def kivi(config: Any, bits: int, *, value_bits: int | None = None, group: int = 32, value_group: int = 32,
          window: int = 32, pre_rope: bool = False, window_dtype: str = "float16", sink: int = 0,
-         key_symmetric: bool = False) -> QuantizedKV:
+         key_symmetric: bool = False, key_clip_search: int = 0) -> QuantizedKV:
     """KIVI: asymmetric RTN of keys per channel (over chunks of ``group`` tokens) and values per token.
 
     Keys: each channel of each chunk of ``group`` tokens gets an fp16 scale and minimum
@@ -509,10 +509,15 @@ def kivi(config: Any, bits: int, *, value_bits: int | None = None, group: int = 
       sink: first tokens kept in full precision (see :class:`QuantizedKV`).
       key_symmetric: keys on a symmetric grid around 0 per channel and chunk (an fp16 scale, no
         minimum: half KIVI's key side information, for a wider grid where channels have offsets).
+      key_clip_search: each key channel's grid per chunk is the least-squares one among
+        ``key_clip_search`` shrunk ranges per end (``qetjax.rtn(..., clip_search=...)``;
+        0: min-max). Same stored bits; outlier tokens of a chunk are clipped instead of
+        coarsening the channel's grid.
 
     Example:
         >>> scheme = kivi(llama.config_of(params), 2, group=32, window=32)
         >>> scheme = kivi(llama.config_of(params), 3, value_bits=2, value_group=64, sink=1)
+        >>> scheme = kivi(llama.config_of(params), 2, window=0, sink=4, key_clip_search=16)
     """
     value_bits = bits if value_bits is None else value_bits
     for name, value, low in (("bits", bits, 1), ("value_bits", value_bits, 1), ("group", group, 1),
@@ -525,8 +530,8 @@ def kivi(config: Any, bits: int, *, value_bits: int | None = None, group: int = 
         raise TypeError(f"key_symmetric must be a bool, got {type(key_symmetric).__name__}")
     value_q = rtn(value_bits) if value_group == config.head_dim else rtn(value_bits, group_size=value_group)
     return QuantizedKV(
-        _fit_free_codec(rtn(bits, symmetric=bool(key_symmetric)), config.num_layers, group, config.head_dim,
-                        transpose=True),
+        _fit_free_codec(rtn(bits, symmetric=bool(key_symmetric), clip_search=key_clip_search), config.num_layers,
+                        group, config.head_dim, transpose=True),
         _fit_free_codec(value_q, config.num_layers, group, config.head_dim, transpose=False),
         int(group), int(window), bool(pre_rope), str(window_dtype), int(sink))
 

@@ -206,6 +206,22 @@ def test_symmetric_keys_store_only_a_scale_and_keep_the_error_bound(decoder):
         kvq.kivi(cfg, 3, key_symmetric="yes")
 
 
+def test_clip_searched_keys_same_bits_lower_error(decoder):
+    small, cfg, ids, _ = decoder
+    plain = kvq.kivi(cfg, 2, group=32, window=0)
+    clipped = kvq.kivi(cfg, 2, group=32, window=0, key_clip_search=8)
+    assert kvq.cache_bits(clipped, cfg, 1, 256) == kvq.cache_bits(plain, cfg, 1, 256)
+    x = np.random.default_rng(2).standard_t(3, (3, 32, 64)).astype(np.float32)  # heavy-tailed tokens
+    err = {}
+    for name, scheme in (("plain", plain), ("clipped", clipped)):
+        params = jax.tree.map(lambda a: a[0], scheme.keys.params)
+        y = np.asarray(scheme.keys.decode(params, scheme.keys.encode(params, jnp.asarray(x))))
+        err[name] = np.square(y - x).sum(axis=1)  # per head and channel (one grid each)
+    assert np.all(err["clipped"] <= err["plain"] * (1 + 1e-6) + 1e-6) and err["clipped"].sum() < 0.9 * err["plain"].sum()
+    with pytest.raises(ValueError, match="clip_search"):
+        kvq.kivi(cfg, 2, key_clip_search=1)
+
+
 def test_sink_tokens_stay_exact_and_do_not_widen_their_chunk(decoder):
     small, cfg, ids, _ = decoder
     plain = kvq.kivi(cfg, 2, group=4, window=0, window_dtype="float32")

@@ -378,6 +378,80 @@ def test_lloyd_max_random_shapes(n, d, bits, seed):
 # --------------------------------------------------------------------------- bad input
 
 
+# --------------------------------------------------------------------------- RTN clip search
+
+
+def _group_sq_errors(x, x_hat, granularity, group_size):
+    return np.square(group_view(x, granularity, group_size) - group_view(x_hat, granularity, group_size)).sum(-1)
+
+
+def _np_searched_rtn(x, bits, n):
+    """numpy reference of ``rtn(bits, clip_search=n)`` per row (asymmetric), in float64 with fp16 rounding."""
+    top, r = 2**bits - 1, np.linspace(1.0, 0.5, n)
+    out = np.empty_like(x, dtype=np.float64)
+    for i, row in enumerate(np.asarray(x, np.float64)):
+        lo, hi = row.min(), row.max()
+        half, t = (hi - lo) / 2, 1.0 - r
+        best, best_err = None, np.inf
+        for a in lo + half * t:
+            for b in hi - half * t:
+                z = np.float16(a)
+                z = z if z <= np.float32(a) else np.nextafter(z, np.float16(-np.inf))
+                s = np.float16(max(b - float(z), 0.0) / top)
+                s = s if float(s) >= max(b - float(z), 0.0) / top else np.nextafter(s, np.float16(np.inf))
+                q = np.clip(np.round((row - float(z)) / float(s)), 0, top) if s > 0 else np.zeros_like(row)
+                y = float(z) + float(s) * q
+                err = np.square(row - y).sum()
+                if err < best_err - 1e-9:
+                    best, best_err = y, err
+        out[i] = best
+    return out
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("granularity,group_size", CONFIGS)
+@pytest.mark.parametrize("bits", [2, 3])
+def test_rtn_clip_search_never_worse_per_group_and_same_bits(bits, granularity, group_size, symmetric):
+    x = normal((24, 32), seed=3) * jnp.exp(normal((24, 32), seed=4))  # heavy tails: clipping pays
+    plain = qetjax.rtn(bits, group_size, symmetric, granularity)
+    searched = qetjax.rtn(bits, group_size, symmetric, granularity, clip_search=8)
+    qa_p, xp = roundtrip(plain, x)
+    qa_s, xs = roundtrip(searched, x)
+    x = np.asarray(x)
+    err_p = _group_sq_errors(x, xp, granularity, group_size)
+    err_s = _group_sq_errors(x, xs, granularity, group_size)
+    assert np.all(err_s <= err_p * (1 + 1e-6) + 1e-9)  # the min-max / absmax grid is the first candidate
+    assert np.mean(err_s / err_p) < 0.95  # a typical group gains (sums are dominated by the widest groups)
+    assert qa_s.bits_per_element == qa_p.bits_per_element
+
+
+def test_rtn_clip_search_matches_numpy_reference_and_keeps_exact_groups():
+    x = normal((9, 32), seed=5) * jnp.exp(normal((9, 32), seed=6))
+    _, xs = roundtrip(qetjax.rtn(2, clip_search=5), x)
+    np.testing.assert_allclose(xs, _np_searched_rtn(np.asarray(x), 2, 5), rtol=0, atol=1e-5)
+    on_grid = jnp.asarray(np.tile([0.0, 0.25, 0.5, 0.75], (3, 8)), jnp.float32)  # exact for 2-bit min-max
+    _, y = roundtrip(qetjax.rtn(2, clip_search=8), on_grid)
+    np.testing.assert_array_equal(y, np.asarray(on_grid))
+    const = jnp.full((2, 32), 0.3, jnp.float32)  # constant groups: the plain grid's decode, unchanged
+    _, y = roundtrip(qetjax.rtn(3, clip_search=8), const)
+    np.testing.assert_array_equal(y, roundtrip(qetjax.rtn(3), const)[1])
+
+
+def test_rtn_clip_search_jit_and_bad_arguments():
+    q = qetjax.rtn(2, group_size=16, clip_search=6)
+    x = normal((7, 48), seed=7)
+    eager = q.decode(None, q.encode(None, x))
+    jitted = jax.jit(lambda a: q.decode(None, q.encode(None, a)))(x)
+    np.testing.assert_array_equal(np.asarray(eager), np.asarray(jitted))
+    for bad in (1, 65, -1):
+        with pytest.raises(ValueError, match="clip_search"):
+            qetjax.rtn(2, clip_search=bad)
+    with pytest.raises(ValueError, match="clip_search"):
+        qetjax.rtn(1, clip_search=4)
+    with pytest.raises(TypeError, match="clip_search"):
+        qetjax.rtn(2, clip_search=2.0)
+
+
 @pytest.mark.parametrize("bits", [0, 9, -1])
 def test_bits_out_of_range(bits):
     with pytest.raises(ValueError, match="bits"):

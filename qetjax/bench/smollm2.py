@@ -84,6 +84,7 @@ WEIGHT_CONFIGS = ("rtn", "rtn:group_size=64", "pq", "pvq:group_size=64", "pvq:gr
 """Default weight configurations of the benchmark (``qetjax.bench.config`` strings)."""
 
 KV_SINK = 4
+KEY_CLIP_SEARCH = 16  # kvq.kivi(key_clip_search=...) of the clip-searched baseline row
 """First tokens the sink-aware KVQuant-style rows keep in fp16 (:func:`baseline_schemes`)."""
 
 KV_CONFIGS = ("rtn:granularity=row", "lloyd_max", "nf", "rotated_rtn", "pq", "rq", "qet", "pvq:gain_scale=tensor",
@@ -430,7 +431,9 @@ def baseline_schemes(config: Any, budget: float) -> list[tuple[str, Any]]:
     groups of 64 channels (0.5 bit/element of side information each), with the sink. That one
     holds up to 64 recent tokens in fp16 instead of 32 (its window bits say so); the last keeps
     chunks of 32 tokens (the 32-token ring) and pays for the key bit with symmetric keys, an fp16
-    scale per channel per chunk and no minimum (0.5 bit/element).
+    scale per channel per chunk and no minimum (0.5 bit/element). From 2 code bits, the sink row
+    once more with each key channel's grid per chunk searched for least squared error
+    (:data:`KEY_CLIP_SEARCH` shrunk ranges per end; same stored bits).
     """
     bits = int(round(budget)) - 1
     if bits < 1:
@@ -443,7 +446,9 @@ def baseline_schemes(config: Any, budget: float) -> list[tuple[str, Any]]:
             (f"kvquant-style keys {bits + 1}-bit g64 / values {bits}-bit vg64 w0 sink {KV_SINK}",
              kvq.kvquant(config, bits + 1, value_bits=bits, group=64, value_group=64, window=0, sink=KV_SINK)),
             (f"kvquant-style keys {bits + 1}-bit symmetric g32 / values {bits}-bit vg64 w0 sink {KV_SINK}",
-             kvq.kvquant(config, bits + 1, value_bits=bits, value_group=64, window=0, sink=KV_SINK, key_symmetric=True))]
+             kvq.kvquant(config, bits + 1, value_bits=bits, value_group=64, window=0, sink=KV_SINK, key_symmetric=True))
+            ] + ([(f"kvquant-style {bits}-bit {label} sink {KV_SINK}, keys clip-searched ({KEY_CLIP_SEARCH})",
+                   kvq.kvquant(config, bits, **g, sink=KV_SINK, key_clip_search=KEY_CLIP_SEARCH))] if bits >= 2 else [])
 
 
 def kv_rows(s: Setup, configs: Sequence[str], budgets: Sequence[float], *, kv_calib_windows: int = 2,
