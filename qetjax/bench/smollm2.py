@@ -585,8 +585,9 @@ def report_rows(quick: bool, bits: Sequence[float], methods: Sequence[str] = WEI
     """
     from tqdm import tqdm
 
+    baselines = sum(len(baseline_schemes(llama.LlamaConfig(), b)) for b in bits)  # rows per budget, no model needed
     total = 1 + ("weights" in parts) * (1 + len(methods) * len(bits)) + ("kv" in parts) * (
-        (5 + len(kv_methods)) * len(bits)) + ("speed" in parts) * 3
+        baselines + len(kv_methods) * len(bits)) + ("speed" in parts) * 3
     with tqdm(total=total, disable=not progress, desc="smollm2", file=sys.stderr) as bar:
         def step(row: dict) -> None:
             bar.update(1)
