@@ -218,8 +218,9 @@ def test_clip_searched_keys_same_bits_lower_error(decoder):
         y = np.asarray(scheme.keys.decode(params, scheme.keys.encode(params, jnp.asarray(x))))
         err[name] = np.square(y - x).sum(axis=1)  # per head and channel (one grid each)
     assert np.all(err["clipped"] <= err["plain"] * (1 + 1e-6) + 1e-6) and err["clipped"].sum() < 0.9 * err["plain"].sum()
-    with pytest.raises(ValueError, match="clip_search"):
-        kvq.kivi(cfg, 2, key_clip_search=1)
+    for bad, bits in ((1, 2), (65, 2), (4, 1), (2.5, 2)):
+        with pytest.raises(ValueError, match="key_clip_search"):
+            kvq.kivi(cfg, bits, key_clip_search=bad)
 
 
 def test_sink_tokens_stay_exact_and_do_not_widen_their_chunk(decoder):

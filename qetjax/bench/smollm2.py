@@ -84,8 +84,10 @@ WEIGHT_CONFIGS = ("rtn", "rtn:group_size=64", "pq", "pvq:group_size=64", "pvq:gr
 """Default weight configurations of the benchmark (``qetjax.bench.config`` strings)."""
 
 KV_SINK = 4
-KEY_CLIP_SEARCH = 16  # kvq.kivi(key_clip_search=...) of the clip-searched baseline row
 """First tokens the sink-aware KVQuant-style rows keep in fp16 (:func:`baseline_schemes`)."""
+
+KEY_CLIP_SEARCH = 16
+"""Shrunk ranges per end searched for each key grid of the clip-searched row (``kvq.kivi(key_clip_search=...)``)."""
 
 KV_CONFIGS = ("rtn:granularity=row", "lloyd_max", "nf", "rotated_rtn", "pq", "rq", "qet", "pvq:gain_scale=tensor",
               "opq", "lopq")

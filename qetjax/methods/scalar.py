@@ -243,7 +243,10 @@ def rtn(
         x = g[..., None, :]  # [..., 1, g] against candidates [..., c, 1]
         err = jnp.sum(jnp.square(x - level(x, scales[..., None], None if zeros is None else zeros[..., None])), -1)
         best = jnp.argmin(err, axis=-1)[..., None]  # the first (widest) among equals: exact groups stay exact
-        pick = lambda a: jnp.take_along_axis(a, best, axis=-1)[..., 0]
+
+        def pick(a: Array) -> Array:
+            return jnp.take_along_axis(a, best, axis=-1)[..., 0]
+
         return pick(scales), None if zeros is None else pick(zeros)
 
     def level(g: Array, scales: Array, zeros: Array | None) -> Array:
