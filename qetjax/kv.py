@@ -528,14 +528,13 @@ def kivi(config: Any, bits: int, *, value_bits: int | None = None, group: int = 
         raise ValueError(f"value_group ({value_group}) must divide head_dim ({config.head_dim})")
     if not isinstance(key_symmetric, (bool, np.bool_)):
         raise TypeError(f"key_symmetric must be a bool, got {type(key_symmetric).__name__}")
-    if isinstance(key_clip_search, bool) or not isinstance(key_clip_search, (int, np.integer)) or not (
-            key_clip_search == 0 or (2 <= key_clip_search <= 64 and bits >= 2)):
-        raise ValueError(f"key_clip_search must be 0 (off) or an integer in 2..64 with bits >= 2, got "
-                         f"key_clip_search={key_clip_search!r} with bits={bits}")
+    try:  # rtn checks clip_search (bits and symmetric are checked above)
+        key_q = rtn(bits, symmetric=bool(key_symmetric), clip_search=key_clip_search)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"key_clip_search={key_clip_search!r} is invalid: {err}") from err
     value_q = rtn(value_bits) if value_group == config.head_dim else rtn(value_bits, group_size=value_group)
     return QuantizedKV(
-        _fit_free_codec(rtn(bits, symmetric=bool(key_symmetric), clip_search=int(key_clip_search)), config.num_layers,
-                        group, config.head_dim, transpose=True),
+        _fit_free_codec(key_q, config.num_layers, group, config.head_dim, transpose=True),
         _fit_free_codec(value_q, config.num_layers, group, config.head_dim, transpose=False),
         int(group), int(window), bool(pre_rope), str(window_dtype), int(sink))
 

@@ -241,7 +241,10 @@ def rtn(
             his = jnp.broadcast_to(cand_hi, shape).reshape(shape[:-2] + (-1,))
             scales = _round_up(jnp.maximum(his - zeros.astype(jnp.float32), 0.0) / top, scale_dtype)
         x = g[..., None, :]  # [..., 1, g] against candidates [..., c, 1]
-        err = jnp.sum(jnp.square(x - level(x, scales[..., None], None if zeros is None else zeros[..., None])), -1)
+        s = scales.astype(jnp.float32)[..., None]
+        z = None if zeros is None else zeros.astype(jnp.float32)[..., None]
+        x_hat = s * nearest(x, s, z) if z is None else z + s * nearest(x, s, z)
+        err = jnp.sum(jnp.square(x - x_hat), -1)
         best = jnp.argmin(err, axis=-1)[..., None]  # the first (widest) among equals: exact groups stay exact
 
         def pick(a: Array) -> Array:
@@ -249,14 +252,13 @@ def rtn(
 
         return pick(scales), None if zeros is None else pick(zeros)
 
-    def level(g: Array, scales: Array, zeros: Array | None) -> Array:
-        """``g`` rounded onto the grid ``(scales, zeros)`` (broadcast against ``g``), clipped to its range."""
-        s = scales.astype(jnp.float32)
-        if zeros is None:
+    def nearest(g: Array, s: Array, z: Array | None) -> Array:
+        """The float level index of ``g`` on the grid step ``s`` and origin ``z`` (float32, broadcast
+        against ``g``; ``None`` when symmetric), clipped to the grid: ``-M..M`` or ``0..L``."""
+        if z is None:
             m = 2 ** (bits - 1) - 1
-            return s * jnp.clip(jnp.where(s > 0, jnp.round(g / jnp.where(s > 0, s, 1.0)), 0.0), -m, m)
-        z = zeros.astype(jnp.float32)
-        return z + s * jnp.clip(jnp.where(s > 0, jnp.round((g - z) / jnp.where(s > 0, s, 1.0)), 0.0), 0, top)
+            return jnp.clip(jnp.where(s > 0, jnp.round(g / jnp.where(s > 0, s, 1.0)), 0.0), -m, m)
+        return jnp.clip(jnp.where(s > 0, jnp.round((g - z) / jnp.where(s > 0, s, 1.0)), 0.0), 0, top)
 
     def assign(g: Array, scales: Array, zeros: Array | None, shape: tuple[int, int]) -> RTNCodes:
         """The codes of the groups ``g`` on the grid ``(scales, zeros)``; values off the grid are clipped."""
@@ -264,12 +266,8 @@ def rtn(
             return RTNCodes(_pack(g >= 0, bits), scales, None, shape)
         s = scales.astype(jnp.float32)[..., None]
         if symmetric:
-            m = 2 ** (bits - 1) - 1
-            k = jnp.where(s > 0, jnp.round(g / jnp.where(s > 0, s, 1.0)), 0.0)
-            return RTNCodes(_pack(jnp.clip(k, -m, m) + m, bits), scales, None, shape)
-        z = zeros.astype(jnp.float32)[..., None]
-        q = jnp.where(s > 0, jnp.round((g - z) / jnp.where(s > 0, s, 1.0)), 0.0)
-        return RTNCodes(_pack(jnp.clip(q, 0, top), bits), scales, zeros, shape)
+            return RTNCodes(_pack(nearest(g, s, None) + (2 ** (bits - 1) - 1), bits), scales, None, shape)
+        return RTNCodes(_pack(nearest(g, s, zeros.astype(jnp.float32)[..., None]), bits), scales, zeros, shape)
 
     def encode(params: None, x: Array) -> RTNCodes:
         del params
