@@ -278,6 +278,9 @@ def _build(spec: Spec, typed: Any) -> Quantizer:
         raise ValueError(f"unknown method {spec.name!r}; registered: {sorted(METHODS)}")
     constructor = METHODS[spec.name].constructor
     fn, sig = constructor._build, constructor._signature
+    # By keyword where the signature allows, so a spec saved before a parameter existed (it lacks that
+    # parameter) still binds each value to its own name; positionally only before a *args.
+    var_positional = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values())
     args, kwargs = [], {}
     for key, value in spec.args:
         value = _thaw(value)
@@ -286,10 +289,10 @@ def _build(spec: Spec, typed: Any) -> Quantizer:
             args.extend(value)
         elif kind is inspect.Parameter.VAR_KEYWORD:
             kwargs.update(dict(value))
-        elif kind is inspect.Parameter.KEYWORD_ONLY:
-            kwargs[key] = value
-        else:
+        elif kind is inspect.Parameter.POSITIONAL_ONLY or (kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and var_positional):
             args.append(value)
+        else:
+            kwargs[key] = value
     return fn(*args, **kwargs)._replace(spec=spec)
 
 

@@ -241,6 +241,17 @@ def test_spec_canonical_arguments():
     assert dict(r.spec.args)["quantizers"] == (pq().spec, pq(2, 4).spec)
 
 
+def test_from_spec_binds_by_name_when_a_parameter_is_missing():
+    # A spec saved before a parameter existed lacks it: every other value must still reach its own name (not
+    # shift into the missing one's position) and the missing one takes its default.
+    q = qetjax.pq(2, num_centroids=8, iters=3, codebook_dtype="float32")
+    old = core.Spec("pq", tuple((k, v) for k, v in q.spec.args if k != "shared_codebook"))
+    x = jax.random.normal(jax.random.key(0), (37, 6))
+    a, b = qetjax.quantize(q, jax.random.key(1), x), qetjax.quantize(core.from_spec(old), jax.random.key(1), x)
+    assert b.params.codebook.dtype == jnp.float32 and b.params.codebook.shape == a.params.codebook.shape
+    np.testing.assert_array_equal(np.asarray(a.codes.codes), np.asarray(b.codes.codes))
+
+
 def test_cache_does_not_bypass_validation():
     # 2 == 2.0 and 1 == True in Python; the constructor cache must not treat them as equal.
     pq()

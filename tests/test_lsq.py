@@ -10,7 +10,7 @@ import qetjax
 from qetjax.codebooks import additive_reconstruction as reconstruct
 from qetjax.codebooks import least_squares_codebooks
 from qetjax.core import Spec, from_spec, stored_bits
-from qetjax.methods.lsq import expected_distortion, local_search, lsq
+from qetjax.methods.lsq import exhaustive_search, expected_distortion, local_search, lsq
 from qetjax.packing import code_width
 
 KEY = jax.random.key(0)
@@ -61,6 +61,37 @@ def test_icm_sweep_is_coordinate_descent_like_numpy():
     np.testing.assert_array_equal(_icm_sweep(unary.astype(jnp.float32), pair.astype(jnp.float32), start), expect)
 
 
+@pytest.mark.parametrize("n, m, k, w", [(1, 2, 4, 3), (37, 3, 5, 1), (64, 2, 8, 7)])
+def test_exhaustive_search_is_the_brute_force_optimum(n, m, k, w):
+    # Reference: every joint code in Python order, float64 errors; the chosen code's error is the minimum.
+    import itertools
+
+    cb = np.asarray(jax.random.normal(jax.random.key(n), (m, k, w)), np.float64)
+    x = np.asarray(jax.random.normal(jax.random.key(w), (n, w)), np.float64)
+    errs = np.stack([((x - sum(cb[i][c[i]] for i in range(m))) ** 2).sum(1)
+                     for c in itertools.product(range(k), repeat=m)], axis=1)
+    codes = np.asarray(jax.jit(exhaustive_search)(jnp.asarray(x, jnp.float32), jnp.asarray(cb, jnp.float32)))
+    assert codes.shape == (n, m) and codes.dtype == np.int32
+    got = ((x - sum(cb[i][codes[:, i]] for i in range(m))) ** 2).sum(1)
+    np.testing.assert_allclose(got, errs.min(1), rtol=1e-4, atol=1e-4)
+
+
+def test_exhaustive_never_worse_than_local_search():
+    cb = jax.random.normal(jax.random.key(1), (3, K, W))
+    local = local_search(KEY, X, cb, jax.random.randint(KEY, (N, 3), 0, K), ils_iters=8, icm_iters=4, nperts=3)
+    assert bool(jnp.all(row_errors(cb, exhaustive_search(X, cb)) <= row_errors(cb, local) + 1e-4))
+
+
+@pytest.mark.parametrize("train_iters", [3, 5, 7])
+def test_last_annealing_step_is_not_nan(train_iters):
+    # The noise scale sqrt(1 - (i + 1) / iters) is clamped at 0: XLA's division by the rounded reciprocal made the
+    # last one sqrt(-1e-7) = NaN at these counts, which the exhaustive search turned into a collapsed codebook.
+    q = lsq(M, K, codebook_dtype="float32", search="exhaustive", train_iters=train_iters)
+    qa = qetjax.quantize(q, KEY, X)
+    assert bool(jnp.all(jnp.isfinite(qa.params.values())))
+    assert float(jnp.mean((qetjax.dequantize(qa) - X) ** 2)) < 0.5 * float(jnp.var(X))
+
+
 @pytest.fixture(scope="module")
 def fitted():
     return qetjax.quantize(lsq(M, K, codebook_dtype="float32", **SMALL), KEY, X)
@@ -90,6 +121,8 @@ def test_bits_equal_formula(fitted):
         (dict(num_codebooks=2, num_centroids=4, regularization="a"), TypeError),
         (dict(num_codebooks=2, num_centroids=4, codebook_dtype="int8"), ValueError),
         (dict(num_codebooks=2.0, num_centroids=4), TypeError),
+        (dict(num_codebooks=2, num_centroids=4, search="beam"), ValueError),
+        (dict(num_codebooks=8, num_centroids=256, search="exhaustive"), ValueError),
     ],
 )
 def test_bad_arguments(kwargs, err):
@@ -166,6 +199,21 @@ def test_product_bad_widths_are_clear_errors(product):
         lsq(2, 8, subvector_dim=0)
     with pytest.raises(TypeError, match="subvector_dim"):
         lsq(2, 8, subvector_dim=4.0)
+
+
+@pytest.mark.parametrize("search", ["local", "exhaustive"])
+def test_search_modes_fit_and_round_trip(search):
+    q = lsq(2, 8, codebook_dtype="float32", subvector_dim=4, search=search, **SMALL)
+    qa = qetjax.quantize(q, KEY, PX)
+    again = q.encode(qa.params, PX)
+    np.testing.assert_array_equal(np.asarray(again.codes), np.asarray(qa.codes.codes))  # deterministic encode
+    e = float(jnp.mean((qetjax.dequantize(qa) - PX) ** 2))
+    assert e < float(jnp.var(PX))
+    if search == "exhaustive":  # the codes are the exact optimum of the fitted codebooks, subspace by subspace
+        cb = qa.params.values().reshape(5, 2, 8, 4)
+        best = jax.vmap(exhaustive_search)(PX.reshape(97, 5, 4).transpose(1, 0, 2), cb).transpose(1, 0, 2)
+        np.testing.assert_array_equal(np.asarray(qa.codes.unpacked()), np.asarray(best.reshape(97, 10)))
+
 
 
 # ----------------------------------------------------------------------------- budget solver

@@ -16,12 +16,17 @@ Unlike residual quantization the codebooks are learned jointly:
   turn picks its best code given the others, using the unary terms
   ``||C_m[k]||^2 - 2 x·C_m[k]`` and the pairwise terms ``2 C_m[k]·C_l[j]``), and
   keep the result for rows whose error went down. With one codebook a single
-  sweep is the exact nearest-centroid search, so only one round is run.
+  sweep is the exact nearest-centroid search, so only one round is run. When
+  the ``K^M`` sums of one centroid per codebook are few (``search="auto"``: at
+  most 1024), every one of them is scored instead (:func:`exhaustive_search`):
+  the exact optimum the local search approximates, and cheaper than its rounds
+  (4.5x on a 576 x 1536 matrix with 3 codebooks of 8 per 4 columns).
 * **Training** alternates ``train_iters`` times: the least-squares codebooks
   for the current codes, ``(B^T B + λ I) C = B^T X`` with ``B`` the one-hot code
   matrix, perturbed by annealed Gaussian noise (scale ``sqrt(1 - (i+1)/iters)``
   times each column's standard deviation over ``M``, as faiss does), then
-  ``train_ils_iters`` rounds of local search from the current codes. The first
+  ``train_ils_iters`` rounds of local search from the current codes (or the
+  exhaustive search). The first
   codes are random; the returned codebooks are the least-squares ones for the
   final codes.
 
@@ -31,9 +36,9 @@ Encoding's randomness comes from ``seed`` (a constructor argument), so
 subspace on its own (``column_group = subvector_dim``, with
 :attr:`~qetjax.core.Quantizer.column_params`, so :func:`qetjax.gptq.quantize` applies),
 but the random starts and perturbations are drawn for all ``S`` subspaces at once: with
-``M > 1`` a group of columns encoded as a standalone matrix can get other codes than the
-same columns within the whole matrix (another local search of the same data; with
-``M = 1`` the search is exact and the codes are the same). Stored: the
+the local search and ``M > 1`` a group of columns encoded as a standalone matrix can get
+other codes than the same columns within the whole matrix (another local search of the
+same data; with ``M = 1`` or the exhaustive search the codes are the same). Stored: the
 codebooks ``[S * M, K, d]`` (subspace-major) at ``codebook_dtype`` and
 ``n * S * M`` codes of ``ceil(log2 K)`` bits, bit-packed.
 
@@ -77,8 +82,11 @@ from qetjax.core import (
 )
 from qetjax.packing import code_width, num_words, pack
 
-# Entries of the [subspaces, rows, M, K] blocks of one chunk of rows during encoding.
+# Entries of the [subspaces, rows, M, K] (or [subspaces, rows, K^M]) blocks of one chunk of rows during encoding.
 _BLOCK = 1 << 21
+# Joint codewords K^M up to which search="auto" scores them all.
+_EXHAUSTIVE_MAX = 1024
+_SEARCHES = ("auto", "local", "exhaustive")
 
 
 def _icm_sweep(unary: jax.Array, pair: jax.Array, codes: jax.Array) -> jax.Array:
@@ -134,6 +142,29 @@ def local_search(
     return lax.fori_loop(0, ils_iters, round_, (codes, error(codes)))[0]
 
 
+def exhaustive_search(x: jax.Array, cb: jax.Array) -> jax.Array:
+    """The codes of least squared error among all ``K^M`` sums of one centroid per codebook.
+
+    Args:
+      x: ``[n, w]`` rows.
+      cb: ``[M, K, w]`` codebooks.
+
+    Returns:
+      ``int32[n, M]`` codes; ties go to the lowest joint index (codebook 0's
+      code most significant).
+
+    Example:
+        >>> cb = jnp.array([[[0.0], [1.0]], [[0.0], [10.0]]])  # M=2, K=2, w=1
+        >>> exhaustive_search(jnp.array([[11.0], [0.9]]), cb).tolist()
+        [[1, 1], [1, 0]]
+    """
+    num, k, _ = cb.shape
+    digits = jnp.stack(jnp.unravel_index(jnp.arange(k**num, dtype=jnp.int32), (k,) * num), axis=1)  # [K^M, M]
+    joint = additive_reconstruction(cb, digits)  # [K^M, w]
+    scores = jnp.sum(joint * joint, -1)[None] - 2.0 * (x @ joint.T)
+    return digits[kmeans.argmin(scores, axis=1)]
+
+
 @register_method("lsq")
 def lsq(
     num_codebooks: int,
@@ -147,6 +178,7 @@ def lsq(
     codebook_dtype: str = "float16",
     seed: int = 0,
     subvector_dim: int | None = None,
+    search: str = "auto",
 ) -> Quantizer:
     """Additive quantizer trained and encoded by local search (faiss's defaults), optionally per subspace.
 
@@ -165,6 +197,11 @@ def lsq(
       subvector_dim: ``d``, columns per subspace (product LSQ, faiss's
         ``ProductLocalSearchQuantizer`` with ``nsplits = w / d``); must divide
         the matrix width. ``None`` (the default): one subspace of the whole row.
+      search: how codes are found, when training and encoding: ``"local"``
+        (iterated local search, faiss's), ``"exhaustive"``
+        (:func:`exhaustive_search`, every one of the ``K^M`` joint codewords
+        scored: exact), or ``"auto"`` (exhaustive when ``M > 1`` and
+        ``K^M <= 1024``, else local).
 
     Returns:
       A :class:`~qetjax.core.Quantizer`.
@@ -192,6 +229,12 @@ def lsq(
         raise ValueError(f"regularization must be > 0, got {regularization}")
     check_storage_dtype("codebook_dtype", codebook_dtype)
     sub = None if subvector_dim is None else check_int("subvector_dim", subvector_dim, 1)
+    if search not in _SEARCHES:
+        raise ValueError(f"lsq: search must be one of {_SEARCHES}, got {search!r}")
+    if search == "exhaustive" and k**num > 1 << 16:
+        raise ValueError(f"lsq: search='exhaustive' scores K^M = {k}^{num} joint codewords (more than 65536): "
+                         f"use search='local' or fewer codebooks")
+    exhaustive = search == "exhaustive" or (search == "auto" and num > 1 and k**num <= _EXHAUSTIVE_MAX)
     width = code_width(k)
     if num == 1:  # one ICM sweep from any start is the exact nearest-centroid search
         encode_ils, train_ils, icm_iters = min(encode_ils, 1), min(train_ils, 1), 1
@@ -207,10 +250,10 @@ def lsq(
             )
         return split(x, w if sub is None else sub)
 
-    def search(key: jax.Array, parts: jax.Array, cb: jax.Array, codes: jax.Array, rounds: int) -> jax.Array:
-        """Local search of every subspace: parts ``[S, n, d]``, cb ``[S, M, K, d]``, codes ``[S, n, M]``."""
+    def find_codes(key: jax.Array, parts: jax.Array, cb: jax.Array, codes: jax.Array, rounds: int) -> jax.Array:
+        """Codes of every subspace (local or exhaustive search): parts ``[S, n, d]``, cb ``[S, M, K, d]``, codes ``[S, n, M]``."""
         s, n, d = parts.shape
-        chunk = max(1, min(n, _BLOCK // (s * num * k)))
+        chunk = max(1, min(n, _BLOCK // (s * (k**num if exhaustive else num * k))))
         pad = -n % chunk
 
         def chunks(a: jax.Array) -> jax.Array:  # [S, n, c] -> [chunks, S, chunk, c]
@@ -219,6 +262,8 @@ def lsq(
 
         def one(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
             key, xs, cs = args
+            if exhaustive:
+                return jax.vmap(exhaustive_search)(xs, cb)
             keys = jax.random.split(key, s) if s > 1 else key[None]  # S = 1: plain LSQ's random stream
             return jax.vmap(lambda a, b, c, e: local_search(a, b, c, e, rounds, icm_iters, nperts))(keys, xs, cb, cs)
 
@@ -241,10 +286,11 @@ def lsq(
         def alternate(i: jax.Array, codes: jax.Array) -> jax.Array:
             k_noise, k_search = jax.random.split(jax.random.fold_in(k_iter, i))
             cb = codebooks_for(parts, codes)
-            # Annealed codebook noise (faiss's perturb_codebooks): T = (1 - (i + 1) / iters) ** 0.5.
-            temp = jnp.sqrt(1.0 - (i + 1.0) / train_iters)
+            # Annealed codebook noise (faiss's perturb_codebooks): T = (1 - (i + 1) / iters) ** 0.5, clamped at 0:
+            # XLA divides by multiplying with the rounded reciprocal, so the last T could be sqrt(-1e-7) = NaN.
+            temp = jnp.sqrt(jnp.maximum(0.0, 1.0 - (i + 1.0) / train_iters))
             cb = cb + temp * std * jax.random.normal(k_noise, cb.shape) / num
-            return search(k_search, parts, cb, codes, train_ils)
+            return find_codes(k_search, parts, cb, codes, train_ils)
 
         codes = lax.fori_loop(0, train_iters, alternate, codes)
         return Codebook(codebooks_for(parts, codes).reshape(s * num, k, d).astype(codebook_dtype))
@@ -258,7 +304,7 @@ def lsq(
                              f"{cb.shape[0] // num * cb.shape[2]}")
         key = jax.random.key(seed)
         start = jax.random.randint(jax.random.fold_in(key, 0), (s, n, num), 0, k)
-        codes = search(jax.random.fold_in(key, 1), parts, cb.reshape(s, num, k, d), start, encode_ils)
+        codes = find_codes(jax.random.fold_in(key, 1), parts, cb.reshape(s, num, k, d), start, encode_ils)
         return PQCodes(pack(codes.transpose(1, 0, 2).reshape(-1), width), (n, s * num), width)
 
     def decode(params: Codebook, codes: PQCodes) -> jax.Array:
