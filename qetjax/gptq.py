@@ -33,9 +33,10 @@ fitted once on the original ``W`` (codebooks too: GPTVQ refits each block's
 codebooks on the compensated weights, not done here); the loop is a
 ``lax.fori_loop`` over groups, each updating the remaining columns with one
 matrix product. The stored codes are ``q.encode`` of the compensated matrix,
-the codes each group got in the loop (product LSQ with several codebooks per
-subspace is the exception: its local search there draws other random starts,
-see :mod:`qetjax.methods.lsq`).
+the codes each group got in the loop (product LSQ's local search with several
+codebooks per subspace is the exception: it draws other random starts there;
+its exhaustive search, the default for few joint codewords, is not; see
+:mod:`qetjax.methods.lsq`).
 
 Example:
     >>> qa = quantize(qetjax.rtn(3, group_size=64), jax.random.key(0), w, x)  # group_size: q.column_group

@@ -1,5 +1,7 @@
 """GPTQ error compensation with RTN, PVQ and the product-codebook methods (PQ, product LSQ)."""
 
+import itertools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -191,18 +193,33 @@ def _reference_gptq_pq(w, x, codebooks, d, damp=0.01):
     return out, codes
 
 
-@pytest.mark.parametrize("name", ["pq", "pq_shared", "lsq_m1"])
+def _joint_codebooks(cb, m):
+    """``[S * M, K, d]`` additive codebooks as ``[S, K^M, d]``: every sum of one centroid per codebook, the
+    joint index with codebook 0's code most significant."""
+    cb = np.asarray(cb, np.float64)
+    s, k = cb.shape[0] // m, cb.shape[1]
+    digits = np.array(list(itertools.product(range(k), repeat=m)))  # [K^M, M], lexicographic
+    return np.stack([sum(cb[j * m + i][digits[:, i]] for i in range(m)) for j in range(s)])
+
+
+@pytest.mark.parametrize("name", ["pq", "pq_shared", "lsq_m1", "lsq_m2"])
 def test_product_gptq_is_the_group_joint_reference(tall_layer, name):
+    # lsq_m2 (2 codebooks of 8 per 4 columns) searches its 64 joint codewords exhaustively (search="auto"), so
+    # each group's codes are its exact nearest joint codeword, as in the reference.
     q = PRODUCT[name]
     w, x = tall_layer
     qa = gptq.quantize(q, jax.random.key(1), w, x)
     ours = np.asarray(qetjax.dequantize(qa))
     cb = np.asarray(qa.params.values())
     d = q.column_group
-    if name.startswith("lsq"):  # M = 1: [S * 1, K, d], each subspace's one codebook
-        assert cb.shape[0] == w.shape[1] // d
+    codes = np.asarray(qa.codes.unpacked())
+    if name.startswith("lsq"):  # [S * M, K, d], each subspace's M codebooks
+        m, k = dict(q.spec.args)["num_codebooks"], dict(q.spec.args)["num_centroids"]
+        assert cb.shape[0] == w.shape[1] // d * m
+        cb = _joint_codebooks(cb, m)
+        codes = codes.reshape(codes.shape[0], -1, m) @ k ** np.arange(m - 1, -1, -1)
     ref, ref_codes = _reference_gptq_pq(w, x, cb, d)
-    same = np.asarray(qa.codes.unpacked()) == ref_codes
+    same = codes == ref_codes
     assert same.mean() > 0.98, same.mean()  # float32 against float64: a near-tie may flip a few codes
     assert gptq.output_error(w, ours, x) < 1.01 * gptq.output_error(w, ref, x)
 
