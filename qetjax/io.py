@@ -192,6 +192,7 @@ def save(path: str | os.PathLike, tree: Any) -> int:
     Raises:
       TypeError: a leaf that cannot be saved (numpy string/structured/datetime arrays, objects),
         or a non-string dict key; nothing is written.
+      FileNotFoundError: the destination's directory does not exist.
 
     Example:
         >>> save("minilm-4bit.qet", qtree)
@@ -200,6 +201,9 @@ def save(path: str | os.PathLike, tree: Any) -> int:
     path = os.path.realpath(os.fspath(path))  # through symlinks: replace the target, keep the link
     if os.path.isdir(path):
         raise IsADirectoryError(f"path {path!r} is a directory; give a file name")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise FileNotFoundError(f"path {path!r}: its directory does not exist; create it first "
+                                f"(os.makedirs({os.path.dirname(path)!r}))")
     mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".qetjax-")
     try:

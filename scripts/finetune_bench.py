@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="finetune_bench.jsonl")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.cache:
+        os.makedirs(args.cache, exist_ok=True)  # before the first quantization, not after it
     if args.model == "smollm2":
         s = smollm2.setup(windows=args.llm_windows, window=args.llm_window, calib_windows=1)
         for label in args.methods:

@@ -188,6 +188,9 @@ def test_fsync_before_rename_and_no_temp_file_after_a_failed_save(qtree, tmp_pat
     assert (tmp_path / "old.qet").read_bytes() == b"previous"
     with pytest.raises(IsADirectoryError):
         qetjax.save(tmp_path, qtree)
+    with pytest.raises(FileNotFoundError, match=r"directory does not exist; create it first"):
+        qetjax.save(tmp_path / "missing" / "new.qet", qtree)
+    assert not (tmp_path / "missing").exists()
 
 
 def _quantized_content(q, shape=(64, 32)):
