@@ -197,13 +197,13 @@ def save(path: str | os.PathLike, tree: Any) -> int:
     Example:
         >>> save("minilm-4bit.qet", qtree)
     """
-    data = to_bytes(tree)
     path = os.path.realpath(os.fspath(path))  # through symlinks: replace the target, keep the link
     if os.path.isdir(path):
         raise IsADirectoryError(f"path {path!r} is a directory; give a file name")
     if not os.path.isdir(os.path.dirname(path)):
         raise FileNotFoundError(f"path {path!r}: its directory does not exist; create it first "
                                 f"(os.makedirs({os.path.dirname(path)!r}))")
+    data = to_bytes(tree)  # after the path checks: a bad path fails before the tree is serialised
     mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".qetjax-")
     try:

@@ -1,6 +1,8 @@
 """Tests of qetjax.lsq: local search never worse, least-squares codebooks, the product form against a numpy
 reference, bits, the budget solver (exact sizes, brute-force optimum of its model, MSE vs PQ), errors."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,8 +66,6 @@ def test_icm_sweep_is_coordinate_descent_like_numpy():
 @pytest.mark.parametrize("n, m, k, w", [(1, 2, 4, 3), (37, 3, 5, 1), (64, 2, 8, 7)])
 def test_exhaustive_search_is_the_brute_force_optimum(n, m, k, w):
     # Reference: every joint code in Python order, float64 errors; the chosen code's error is the minimum.
-    import itertools
-
     cb = np.asarray(jax.random.normal(jax.random.key(n), (m, k, w)), np.float64)
     x = np.asarray(jax.random.normal(jax.random.key(w), (n, w)), np.float64)
     errs = np.stack([((x - sum(cb[i][c[i]] for i in range(m))) ** 2).sum(1)

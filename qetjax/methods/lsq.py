@@ -20,7 +20,7 @@ Unlike residual quantization the codebooks are learned jointly:
   the ``K^M`` sums of one centroid per codebook are few (``search="auto"``: at
   most 1024), every one of them is scored instead (:func:`exhaustive_search`):
   the exact optimum the local search approximates, and cheaper than its rounds
-  (4.5x on a 576 x 1536 matrix with 3 codebooks of 8 per 4 columns).
+  (6x on a 576 x 1536 matrix with 3 codebooks of 8 per 4 columns: BENCHMARKS.md).
 * **Training** alternates ``train_iters`` times: the least-squares codebooks
   for the current codes, ``(B^T B + λ I) C = B^T X`` with ``B`` the one-hot code
   matrix, perturbed by annealed Gaussian noise (scale ``sqrt(1 - (i+1)/iters)``
@@ -180,7 +180,7 @@ def lsq(
     subvector_dim: int | None = None,
     search: str = "auto",
 ) -> Quantizer:
-    """Additive quantizer trained and encoded by local search (faiss's defaults), optionally per subspace.
+    """Additive quantizer trained and encoded by local search (faiss's defaults) or exhaustive search, optionally per subspace.
 
     Args:
       num_codebooks: ``M``, codebooks (codes per row and subspace).
