@@ -441,3 +441,15 @@ def test_frozen_corpora_are_disjoint_and_long_enough(smollm2):
     sentences = corpus.stdlib_sentences(3000)
     assert len(sentences) == 2105 and len(set(sentences)) == 2105  # frozen: today's sentences, in order
     assert corpus.stdlib_sentences(3, exclude=sentences[:1]) == sentences[1:4]
+
+
+def test_weight_rows_stream_every_row_the_n_a_ones_too(small):
+    # eval_smollm2.py prints rows as they come: a run stopped early must keep the n/a rows it reached
+    from qetjax.bench import smollm2 as bench
+
+    ids = bench.token_windows("eval", 1, 16)
+    s = bench.Setup(small, None, ids, {}, 1.0)
+    streamed = []
+    rows = bench.weight_rows(s, ["nf"], [2.0, 4.0], on_row=streamed.append)
+    assert streamed == rows and [r["status"][:3] for r in rows] == ["n/a", "ok"]
+    assert "too small" in rows[0]["status"] and rows[1]["bpw_linear"] == 3.5

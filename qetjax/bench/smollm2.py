@@ -340,12 +340,13 @@ def weight_rows(s: Setup, configs: Sequence[str], budgets: Sequence[float], *,
                                                                   fisher=fisher))
             except ValueError as err:
                 rows.append({**row, "status": f"n/a ({str(err)[:80]})"})
-                continue
-            seconds = time.perf_counter() - t0
-            ppl = perplexity(llama.stack_layers(dequantize_tree(qtree)), s.windows)
-            rows.append({**row, "status": "ok", "bpw_linear": tree_bits(qtree).quantized_bits_per_weight, "ppl": ppl,
-                         "ppl_ratio": ppl / s.reference_ppl, "quantize_s": seconds, "peak_MiB": mem.delta / MiB})
-            if on_row is not None:
+            else:
+                seconds = time.perf_counter() - t0
+                ppl = perplexity(llama.stack_layers(dequantize_tree(qtree)), s.windows)
+                rows.append({**row, "status": "ok", "bpw_linear": tree_bits(qtree).quantized_bits_per_weight,
+                             "ppl": ppl, "ppl_ratio": ppl / s.reference_ppl, "quantize_s": seconds,
+                             "peak_MiB": mem.delta / MiB})
+            if on_row is not None:  # n/a rows too: a long run stopped early keeps every row it reached
                 on_row(rows[-1])
     return rows
 
@@ -467,12 +468,16 @@ def kv_rows(s: Setup, configs: Sequence[str], budgets: Sequence[float], *, kv_ca
                 schemes += kv_schemes(s, [text], budget, kv_calib_windows)
             except ValueError as err:
                 rows.append({"part": "kv", "config": text, "budget": budget, "status": f"n/a ({str(err)[:80]})"})
+                if on_row is not None:
+                    on_row(rows[-1])
         for label, scheme in schemes:
             counted = kvq.cache_bits(scheme, config, 1, length)
             try:  # a fitted method may refuse rows it was not fitted on (e.g. PVQ's per-row gain scales)
                 ppl = perplexity(s.params, s.windows, kv=scheme)
             except ValueError as err:
                 rows.append({"part": "kv", "config": label, "budget": budget, "status": f"n/a ({str(err)[:80]})"})
+                if on_row is not None:
+                    on_row(rows[-1])
                 continue
             errors = attention_errors(s.params, s.windows[:2], scheme)
             rows.append({"part": "kv", "config": label, "budget": budget, "status": "ok",
