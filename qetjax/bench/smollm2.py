@@ -476,18 +476,16 @@ def kv_rows(s: Setup, configs: Sequence[str], budgets: Sequence[float], *, kv_ca
                 ppl = perplexity(s.params, s.windows, kv=scheme)
             except ValueError as err:
                 rows.append({"part": "kv", "config": label, "budget": budget, "status": f"n/a ({str(err)[:80]})"})
-                if on_row is not None:
-                    on_row(rows[-1])
-                continue
-            errors = attention_errors(s.params, s.windows[:2], scheme)
-            rows.append({"part": "kv", "config": label, "budget": budget, "status": "ok",
-                         "code_bits_per_element": counted["codes"] / elements,
-                         "window_bits_per_element": counted["window"] / elements,
-                         "cache_bytes_per_token": (counted["codes"] + counted["window"]) / 8 / length,
-                         "params_KiB": counted["params"] / 8 / 1024, "ppl": ppl, "ppl_ratio": ppl / s.reference_ppl,
-                         "attn_err_mean": float(errors.mean()),
-                         "attn_err_per_layer": " ".join(f"{e:.3f}" for e in errors)})
-            if on_row is not None:
+            else:
+                errors = attention_errors(s.params, s.windows[:2], scheme)
+                rows.append({"part": "kv", "config": label, "budget": budget, "status": "ok",
+                             "code_bits_per_element": counted["codes"] / elements,
+                             "window_bits_per_element": counted["window"] / elements,
+                             "cache_bytes_per_token": (counted["codes"] + counted["window"]) / 8 / length,
+                             "params_KiB": counted["params"] / 8 / 1024, "ppl": ppl,
+                             "ppl_ratio": ppl / s.reference_ppl, "attn_err_mean": float(errors.mean()),
+                             "attn_err_per_layer": " ".join(f"{e:.3f}" for e in errors)})
+            if on_row is not None:  # n/a rows too, as in weight_rows
                 on_row(rows[-1])
     return rows
 
