@@ -28,7 +28,7 @@ def _free_compiled_code():
     Each XLA:CPU executable keeps a few memory mappings of JIT code; a worker that
     runs the whole suite compiles thousands of them and reached the kernel's
     ``vm.max_map_count`` (65530) in CI, where every later ``mmap`` failed with a
-    ``MemoryError`` (issue: CI of 2026-12-03). Modules rarely share shapes, so
+    ``MemoryError`` (CI run of 2026-12-03). Modules rarely share shapes, so
     little is recompiled.
     """
     yield
